@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class ComfyProxyConfig(AppConfig):
+    name = "comfyproxy"
+    verbose_name = _("ComfyUI classroom queue")
+    default_auto_field = "django.db.models.BigAutoField"

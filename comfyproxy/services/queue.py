@@ -1,0 +1,322 @@
+"""Submitting, cancelling and describing tasks: the only code that changes them on the web side.
+
+The dispatcher's own transitions (claim, submitted, finished) live in `services.dispatch`.
+"""
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from comfyproxy import errors
+from comfyproxy.models import (
+    ComfyInstance,
+    InstanceState,
+    QueueSettings,
+    Task,
+    TaskReason,
+    TaskStatus,
+)
+from comfyproxy.services.notify import ensure_queue_available, queue_changed
+
+# Nesting deeper than this is not a ComfyUI workflow (API-format graphs are ~4 levels deep).
+MAX_JSON_DEPTH = 64
+MAX_NODES = 10_000
+# Used for the wait estimate until the class has finished a few runs.
+DEFAULT_RUN_SECONDS = 30.0
+RUN_TIME_SAMPLE = 50
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A ComfyUI /prompt body reduced to what is forwarded (never `number` or `front`)."""
+
+    prompt: dict
+    client_id: str
+    extra_data: dict
+    partial_execution_targets: list | None
+
+
+def parse_submission(body) -> Submission:
+    if not isinstance(body, dict):
+        raise errors.InvalidPrompt(details=_("The body must be a JSON object."))
+    if "prompt" not in body:
+        raise errors.NoPrompt()
+    prompt = body["prompt"]
+    if not isinstance(prompt, dict) or not prompt:
+        raise errors.InvalidPrompt(details=_("`prompt` must be a non-empty object of nodes."))
+    if len(prompt) > MAX_NODES:
+        raise errors.InvalidPrompt(details=_("The workflow has too many nodes."))
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict):
+            raise errors.InvalidPrompt(details=_("Node %(node)s is not an object.") % {"node": node_id})
+    client_id = body.get("client_id") or ""
+    if not isinstance(client_id, str) or len(client_id) > 200:
+        raise errors.InvalidPrompt(details=_("`client_id` must be a short string."))
+    extra_data = body.get("extra_data") or {}
+    if not isinstance(extra_data, dict):
+        raise errors.InvalidPrompt(details=_("`extra_data` must be an object."))
+    targets = body.get("partial_execution_targets")
+    if targets is not None and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise errors.InvalidPrompt(
+            details=_("`partial_execution_targets` must be a list of node ids.")
+        )
+    _check_storable(prompt)
+    _check_storable(extra_data)
+    return Submission(prompt, client_id, extra_data, targets)
+
+
+def _check_storable(value) -> None:
+    """Refuse what no database column takes: absurd nesting and NUL characters."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise errors.InvalidPrompt(details=_("The workflow is nested too deeply."))
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    raise errors.InvalidPrompt(details=_("The workflow contains a NUL character."))
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise errors.InvalidPrompt(details=_("The workflow contains a NUL character."))
+
+
+def resolve_owner(username: str):
+    user_model = get_user_model()
+    try:
+        return user_model.objects.get(**{user_model.USERNAME_FIELD: username})
+    except user_model.DoesNotExist:
+        raise errors.UserNotFound() from None
+
+
+def authorize(actor, owner) -> None:
+    """A student acts only for themselves; teachers (staff) act for any student."""
+    if actor is None or not actor.is_authenticated:
+        raise errors.NotAuthenticated()
+    if actor.pk != owner.pk and not actor.is_staff:
+        raise errors.NotYourInstance()
+
+
+def _next_queue_order() -> int:
+    # Microseconds: FIFO by arrival; ties (same microsecond) fall back to queued_at, id.
+    return time.time_ns() // 1000
+
+
+def submit_task(*, actor, owner, body, port: int | None = None) -> Task:
+    """Store a workflow for the dispatcher. `port`, when given, must be the owner's running instance."""
+    authorize(actor, owner)
+    submission = parse_submission(body)
+    ensure_queue_available()
+    queue_settings = QueueSettings.load()
+    with transaction.atomic():
+        # Locks the student's instance row (PostgreSQL) so two tabs cannot both slip
+        # under the per-student limit; SQLite's IMMEDIATE transactions serialize anyway.
+        instance = ComfyInstance.objects.select_for_update().filter(user=owner).first()
+        if (
+            instance is None
+            or instance.state != InstanceState.RUNNING
+            or (port is not None and instance.port != port)
+        ):
+            raise errors.InstanceNotRunning()
+        limit = queue_settings.effective_max_queued_per_student
+        active = Task.objects.active().filter(owner=owner).count()
+        if active >= limit:
+            raise errors.TooManyTasks(errors.TooManyTasks.message % {"count": active})
+        task = Task.objects.create(
+            owner=owner,
+            submitted_by=actor,
+            instance=instance,
+            host=instance.host,
+            port=instance.port,
+            client_id=submission.client_id,
+            prompt=submission.prompt,
+            extra_data=submission.extra_data,
+            partial_execution_targets=submission.partial_execution_targets,
+            queue_order=_next_queue_order(),
+        )
+        ComfyInstance.objects.filter(pk=instance.pk).update(last_activity_at=timezone.now())
+        queue_changed("submitted")
+    return task
+
+
+def get_task_for(actor, task_id) -> Task:
+    try:
+        task = Task.objects.select_related("owner").get(pk=task_id)
+    except (Task.DoesNotExist, ValidationError, ValueError, TypeError):
+        raise errors.TaskNotFound() from None
+    authorize(actor, task.owner)
+    return task
+
+
+def cancel_task(*, actor, task: Task) -> Task:
+    """Remove a queued task at once; ask the dispatcher to interrupt a running one."""
+    authorize(actor, task.owner)
+    reason = (
+        TaskReason.CANCELLED_BY_OWNER if actor.pk == task.owner_id else TaskReason.CANCELLED_BY_TEACHER
+    )
+    now = timezone.now()
+    removed = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+        status=TaskStatus.CANCELLED, reason=reason, finished_at=now, cancel_requested_at=now
+    )
+    if not removed:
+        # Claimed meanwhile, or already running: the dispatcher owns it now and will
+        # interrupt it in ComfyUI, then record it as cancelled.
+        flagged = Task.objects.filter(
+            pk=task.pk, status=TaskStatus.PROCESSING, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=now, reason=reason)
+        if not flagged and not Task.objects.filter(pk=task.pk, status=TaskStatus.PROCESSING).exists():
+            raise errors.TaskAlreadyFinished()
+    queue_changed("cancelled")
+    task.refresh_from_db()
+    return task
+
+
+# --- Reading the queue -----------------------------------------------------------------
+
+
+def queue_position(task: Task) -> int:
+    """1-based place among waiting tasks (what "前方还有 N 人排队" shows); 0 once it left the queue."""
+    if task.status != TaskStatus.QUEUED:
+        return 0
+    ahead = (
+        Task.objects.queued()
+        .filter(
+            Q(queue_order__lt=task.queue_order)
+            | Q(queue_order=task.queue_order, queued_at__lt=task.queued_at)
+            | Q(queue_order=task.queue_order, queued_at=task.queued_at, id__lt=task.id)
+        )
+        .count()
+    )
+    return ahead + 1
+
+
+def typical_run_seconds() -> float:
+    """Median run time of the class's recent completed runs, for wait estimates."""
+    cached = cache.get("typical_run_seconds")
+    if cached is not None:
+        return cached
+    recent = (
+        Task.objects.filter(status=TaskStatus.COMPLETED, submitted_at__isnull=False)
+        .order_by("-finished_at")
+        .values_list("submitted_at", "finished_at")[:RUN_TIME_SAMPLE]
+    )
+    durations = [(end - start).total_seconds() for start, end in recent]
+    value = statistics.median(durations) if durations else DEFAULT_RUN_SECONDS
+    cache.set("typical_run_seconds", value, timeout=10)
+    return value
+
+
+def estimated_wait_seconds(position: int, max_concurrent: int, run_seconds: float) -> int:
+    """Slots free up about once per run_seconds / cap; the task starts after `position` of them."""
+    if position <= 0:
+        return 0
+    return math.ceil(math.ceil(position / max(max_concurrent, 1)) * run_seconds)
+
+
+@dataclass(frozen=True)
+class QueueOverview:
+    max_concurrent: int
+    processing_count: int
+    queue_length: int
+    paused: bool
+
+    @property
+    def available_slots(self) -> int:
+        return max(self.max_concurrent - self.processing_count, 0)
+
+
+def queue_overview() -> QueueOverview:
+    queue_settings = QueueSettings.load()
+    return QueueOverview(
+        max_concurrent=queue_settings.max_concurrent,
+        processing_count=Task.objects.processing().count(),
+        queue_length=Task.objects.queued().count(),
+        paused=queue_settings.paused,
+    )
+
+
+def status_message(task: Task, position: int, overview: QueueOverview) -> str:
+    if task.status == TaskStatus.QUEUED:
+        if overview.paused:
+            return _("The queue is paused by the teacher; %(count)d ahead of you.") % {
+                "count": position
+            }
+        if position <= overview.available_slots:
+            return _("Starting now.")
+        return _("The system is busy: %(count)d ahead of you in the queue.") % {"count": position}
+    if task.status == TaskStatus.PROCESSING:
+        if task.cancel_requested_at:
+            return _("Stopping the run…")
+        return _("Running.")
+    if task.status == TaskStatus.COMPLETED:
+        return _("Finished.")
+    if task.status == TaskStatus.CANCELLED:
+        return _("Cancelled.")
+    return task.error_message or _("The run failed.")
+
+
+def describe_task(
+    task: Task,
+    *,
+    overview: QueueOverview | None = None,
+    position: int | None = None,
+    run_seconds: float | None = None,
+) -> dict:
+    """The task as students, the API and the WebSocket see it."""
+    overview = overview or queue_overview()
+    if position is None:
+        position = queue_position(task)
+    if run_seconds is None:
+        run_seconds = typical_run_seconds() if position else 0.0
+    return {
+        "task_id": str(task.id),
+        "prompt_id": str(task.id),
+        "status": task.status,
+        "reason": task.reason,
+        "position": position,
+        "estimated_wait_seconds": estimated_wait_seconds(
+            position, overview.max_concurrent, run_seconds
+        ),
+        "message": status_message(task, position, overview),
+        "username": task.owner.get_username(),
+        "port": task.port,
+        "queued_at": task.queued_at.isoformat(),
+        "started_at": task.started_at.isoformat() if task.started_at else None,
+        "finished_at": task.finished_at.isoformat() if task.finished_at else None,
+        "error": task.comfy_error,
+        "node_errors": task.node_errors or {},
+        "max_concurrent": overview.max_concurrent,
+        "processing_count": overview.processing_count,
+        "queue_length": overview.queue_length,
+        "paused": overview.paused,
+    }
+
+
+def queued_tasks_in_order():
+    return Task.objects.queued().in_queue_order().select_related("owner")
+
+
+def move_to_front(task: Task) -> bool:
+    """Teacher's priority: the task goes before everything queued now."""
+    head = Task.objects.queued().in_queue_order().values_list("queue_order", flat=True).first()
+    if head is None:
+        return False
+    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+        queue_order=head - 1
+    )
+    if moved:
+        queue_changed("reordered")
+    return bool(moved)
