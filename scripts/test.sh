@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian 12 machine: installs what it needs, starts the
+# PostgreSQL it tests against if it is not running, then runs the checks and pytest
+# twice: everything on SQLite, and the database-sensitive tests again on PostgreSQL.
+# Each test run starts its own redis-server, nginx, emulator and sshd on free ports.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/test_submit_api.py -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh --dev
+
+postgres_socket_dir=/var/run/postgresql
+ensure_postgres() {
+  if ! pg_isready -q -h "$postgres_socket_dir" 2>/dev/null; then
+    echo "==> Starting PostgreSQL"
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    if [ -z "$version" ]; then
+      echo "PostgreSQL is installed but has no cluster" >&2
+      return 1
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  fi
+  me=$(id -un)
+  if ! psql -h "$postgres_socket_dir" -d postgres -tAc 'select 1' >/dev/null 2>&1; then
+    # A fresh cluster knows only "postgres"; give this user a role of its own (peer auth).
+    runuser -u postgres -- psql -q -h "$postgres_socket_dir" -c "CREATE ROLE \"$me\" LOGIN SUPERUSER" 
+  fi
+}
+ensure_postgres
+
+export PATH="$PWD/.venv/bin:$PATH"
+echo "==> Static checks"
+ruff check .
+python manage.py check --fail-level WARNING
+python manage.py makemigrations --check --dry-run >/dev/null
+
+echo "==> Tests on SQLite"
+python -m pytest "$@"
+
+echo "==> Database tests on PostgreSQL"
+DATABASE_URL="postgresql://%2Fvar%2Frun%2Fpostgresql/postgres" python -m pytest -m postgres "$@"
