@@ -320,6 +320,8 @@ class AuditEvent(models.Model):
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
+    # Who it was, kept when the account is deleted; for manage.py, the operator's login.
+    actor_name = models.CharField(max_length=150, blank=True, default="")
     action = models.CharField(max_length=64)
     summary = models.TextField()
     affected = models.PositiveIntegerField(default=0)
