@@ -257,12 +257,15 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = COMFY_MAX_PROMPT_BYTES
 
 # How instances are started: "local" (a process on this machine) or "ssh" (the GPU server).
 COMFY_LAUNCHER = env_str("COMFY_LAUNCHER", "local")
-# Command for the local launcher; {port} and {host} are filled in. The default starts the
-# emulator, so the demo runs without a GPU; point it at a real ComfyUI's main.py on a GPU box.
+# Command for the local launcher; {python}, {host}, {port} and {username} are filled in. The
+# default starts the emulator, so the demo runs without a GPU; point it at a real ComfyUI's
+# main.py on a GPU box.
 COMFY_LOCAL_COMMAND = env_str(
     "COMFY_LOCAL_COMMAND",
     "{python} -m comfyproxy.emulator --host {host} --ports {port}",
 )
+# Where the local launcher writes each instance's output (comfyui-<username>-<port>.log).
+COMFY_LOCAL_LOG_DIR = env_str("COMFY_LOCAL_LOG_DIR", str(BASE_DIR / "var" / "log"))
 COMFY_SSH_HOST = env_str("COMFY_SSH_HOST", COMFY_GPU_HOST)
 COMFY_SSH_PORT = env_int("COMFY_SSH_PORT", 22, minimum=1)
 COMFY_SSH_USER = env_str("COMFY_SSH_USER", "comfy")
@@ -270,11 +273,20 @@ COMFY_SSH_KEY_FILE = env_str("COMFY_SSH_KEY_FILE", "")
 COMFY_SSH_KNOWN_HOSTS = env_str("COMFY_SSH_KNOWN_HOSTS", "")
 COMFY_SSH_START_COMMAND = env_str(
     "COMFY_SSH_START_COMMAND",
-    "cd ~/ComfyUI && nohup python main.py --listen {host} --port {port} "
-    "> ~/comfyui-{username}-{port}.log 2>&1 & echo $!",
+    # Only ComfyUI goes to the background (`a && b &` would background a subshell), so $!
+    # is its pid. Literal braces in a template must be doubled ({{ }}).
+    "cd ~/ComfyUI || exit 1; nohup python main.py --listen {host} --port {port} "
+    "> ~/comfyui-{username}-{port}.log 2>&1 < /dev/null & echo $!",
 )
 COMFY_SSH_STOP_COMMAND = env_str("COMFY_SSH_STOP_COMMAND", "kill {pid}")
+# Exits 0 while the started process runs.
+COMFY_SSH_CHECK_COMMAND = env_str("COMFY_SSH_CHECK_COMMAND", "kill -0 {pid}")
+# Bounds one SSH call (connect, authenticate, run the command).
+COMFY_SSH_TIMEOUT_SECONDS = env_int("COMFY_SSH_TIMEOUT_SECONDS", 15, minimum=1)
+# How long a starting instance may take to answer /system_stats before start fails.
 COMFY_START_TIMEOUT_SECONDS = env_int("COMFY_START_TIMEOUT_SECONDS", 60, minimum=1)
+# How often the instance monitor checks that instances still run, and stops idle ones.
+COMFY_HEALTH_CHECK_SECONDS = env_int("COMFY_HEALTH_CHECK_SECONDS", 30, minimum=1)
 
 # The dispatcher holds a lease in the database; another dispatcher may take over only
 # after it expires, and every dispatch decision re-checks it (fencing).
@@ -291,5 +303,7 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # asyncssh logs every connection at INFO; the SSH launcher opens one per call.
+        "asyncssh": {"level": "WARNING"},
     },
 }
