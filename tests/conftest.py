@@ -5,8 +5,9 @@ import itertools
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django.utils import timezone
 
-from comfyproxy.models import QueueSettings
+from comfyproxy.models import TERMINAL_STATUSES, QueueSettings, Task, TaskStatus
 from comfyproxy.services import instances
 
 _usernames = itertools.count(1)
@@ -61,3 +62,41 @@ def register_instance(db):
 @pytest.fixture
 def queue_settings(db):
     return QueueSettings.load()
+
+
+@pytest.fixture
+def make_task(db):
+    """A task row in any state with the timestamps the dispatcher would have written (test data)."""
+    sequence = itertools.count()
+
+    def make(
+        owner,
+        *,
+        status=TaskStatus.QUEUED,
+        queued_at=None,
+        started_at=None,
+        submitted_at=None,
+        finished_at=None,
+        reason="",
+        port=8189,
+    ):
+        queued_at = queued_at or timezone.now()
+        if status == TaskStatus.PROCESSING and started_at is None:
+            started_at = submitted_at = queued_at
+        if status in TERMINAL_STATUSES and finished_at is None:
+            finished_at = timezone.now()
+        return Task.objects.create(
+            owner=owner,
+            host="127.0.0.1",
+            port=port,
+            prompt={"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}}},
+            status=status,
+            reason=reason,
+            queue_order=int(queued_at.timestamp() * 1_000_000) + next(sequence),
+            queued_at=queued_at,
+            started_at=started_at,
+            submitted_at=submitted_at,
+            finished_at=finished_at,
+        )
+
+    return make
