@@ -1,27 +1,59 @@
-"""The queue WebSocket: each student sees their own tasks live; teachers see the whole queue."""
+"""The queue WebSocket: each student sees their own tasks live; teachers see the whole queue.
+
+The consumer only relays: it joins its viewer's group, sends the current state read from
+the database as soon as it connects, then forwards the dispatcher's broadcasts (see
+`services.broadcast`). It never changes the queue and ignores whatever a client sends.
+"""
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 
-from comfyproxy.services.broadcast import QUEUE_GROUP, build_queue_snapshot, snapshot_for_user
+from comfyproxy.services.broadcast import SNAPSHOT_EVENT, Viewer, read_viewer_state, render_frame
+
+# Close code for a refused socket (4000-4999 are the application's own).
+NOT_AUTHENTICATED = 4401
 
 
-class QueueConsumer(AsyncJsonWebsocketConsumer):
+class QueueConsumer(AsyncWebsocketConsumer):
+    """`/ws/comfy_proxy/queue/` on the teaching site, authenticated by the Django session."""
+
+    viewer: Viewer | None = None
+    # When the state last sent was read; an older broadcast arriving late is dropped.
+    as_of = 0.0
+
     async def connect(self):
+        self.viewer = await self.identify_viewer()
+        if self.viewer is None:
+            await self.close(code=NOT_AUTHENTICATED)
+            return
+        await self.channel_layer.group_add(self.viewer.group, self.channel_name)
+        await self.accept()
+        # Joined before reading, so no change can fall between this state and the next broadcast.
+        await self.queue_snapshot(await database_sync_to_async(read_viewer_state)(self.viewer))
+
+    async def identify_viewer(self) -> Viewer | None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=4401)
-            return
-        self.user_id = user.pk
-        self.is_staff = user.is_staff
-        await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
-        await self.accept()
-        snapshot = await database_sync_to_async(build_queue_snapshot)()
-        await self.send_json(snapshot_for_user(snapshot, self.user_id, is_staff=self.is_staff))
+            return None
+        return Viewer(user.pk, whole_queue=user.is_staff)
 
     async def disconnect(self, code):
-        if hasattr(self, "user_id"):
-            await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
+        if self.viewer is not None:
+            await self.channel_layer.group_discard(self.viewer.group, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """The stream is one-way."""
+
+    async def dispatch(self, message):
+        if message["type"] == SNAPSHOT_EVENT:
+            # Broadcasts touch no database: skip the close_old_connections thread hop that
+            # Channels puts before every handler (a third of the cost of each delivery).
+            await self.queue_snapshot(message)
+        else:
+            await super().dispatch(message)
 
     async def queue_snapshot(self, event):
-        await self.send_json(snapshot_for_user(event["snapshot"], self.user_id, is_staff=self.is_staff))
+        if event["as_of"] < self.as_of:
+            return
+        self.as_of = event["as_of"]
+        await self.send(text_data=render_frame(event, self.viewer))

@@ -1,7 +1,19 @@
+"""WebSocket routes. Each door accepts pages from its own origin only.
+
+asgi.py's AllowedHostsOriginValidator compares host names but not ports, and the teaching
+site and ComfyUI's origin may share a host name: without this, student JavaScript on a
+ComfyUI page could open the teaching site's socket with a teacher's session cookie.
+"""
+
+from channels.security.websocket import OriginValidator
+from django.conf import settings
 from django.urls import path
 
 from comfyproxy import consumers
 
 websocket_urlpatterns = [
-    path("ws/comfy_proxy/queue/", consumers.QueueConsumer.as_asgi()),
+    path(
+        "ws/comfy_proxy/queue/",
+        OriginValidator(consumers.QueueConsumer.as_asgi(), [settings.SITE_ORIGIN]),
+    ),
 ]

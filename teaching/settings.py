@@ -172,13 +172,15 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         # One broadcast per queue change over Redis pub/sub: no per-process capacity to
-        # overflow, so no silently dropped updates (see docs in README "Live updates").
+        # overflow, so no silently dropped updates (services/broadcast.py). checks.py
+        # refuses the in-memory layer: the dispatcher sends from its own process.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {
             "hosts": [
                 {
                     "address": REDIS_URL,
-                    # redis-py 8 defaults to a 5 s read timeout, which kills idle sockets.
+                    # redis-py 8 defaults to a 5 s read timeout, which kills idle sockets,
+                    # and to a pool that raises at 100 connections instead of waiting.
                     "socket_timeout": None,
                     "socket_connect_timeout": 2,
                     "max_connections": 10_000,
