@@ -14,6 +14,12 @@ _usernames = itertools.count(1)
 
 
 @pytest.fixture
+def fast_password_hashing(settings):
+    """Cheap password hashes for tests whose users never log in to another process by password."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
 def make_student(db):
     def make(username: str | None = None, **extra):
         username = username or f"student{next(_usernames)}"

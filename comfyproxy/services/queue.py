@@ -308,15 +308,3 @@ def describe_task(
 def queued_tasks_in_order():
     return Task.objects.queued().in_queue_order().select_related("owner")
 
-
-def move_to_front(task: Task) -> bool:
-    """Teacher's priority: the task goes before everything queued now."""
-    head = Task.objects.queued().in_queue_order().values_list("queue_order", flat=True).first()
-    if head is None:
-        return False
-    moved = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
-        queue_order=head - 1
-    )
-    if moved:
-        queue_changed("reordered")
-    return bool(moved)
