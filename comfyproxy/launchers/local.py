@@ -22,7 +22,9 @@ from comfyproxy.launchers.base import Launcher, LaunchError, command_values, ren
 logger = logging.getLogger(__name__)
 
 # A stopped ComfyUI gets this long to exit on SIGTERM before it is killed.
-STOP_GRACE_SECONDS = 10.0
+DEFAULT_STOP_GRACE_SECONDS = 10.0
+# SIGKILL cannot be ignored; this only covers the kernel tearing a big process down.
+KILL_WAIT_SECONDS = 5.0
 
 # Processes this process started. A dead child stays a zombie (and looks alive in /proc)
 # until its parent collects it, so they are kept here to be waited for and reaped.
@@ -32,10 +34,18 @@ _children: dict[int, subprocess.Popen] = {}
 class LocalLauncher(Launcher):
     name = "local"
 
-    def __init__(self, *, command: str, log_dir: Path, workdir: Path):
+    def __init__(
+        self,
+        *,
+        command: str,
+        log_dir: Path,
+        workdir: Path,
+        stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    ):
         self.command = command
         self.log_dir = log_dir
         self.workdir = workdir
+        self.stop_grace_seconds = stop_grace_seconds
 
     @classmethod
     def from_settings(cls) -> "LocalLauncher":
@@ -86,10 +96,10 @@ class LocalLauncher(Launcher):
             return
         pid = instance.launcher_handle["pid"]
         _signal_group(pid, signal.SIGTERM)
-        if not self._wait_for_exit(instance, STOP_GRACE_SECONDS):
-            logger.warning("pid %d ignored SIGTERM for %ss; killing it", pid, STOP_GRACE_SECONDS)
+        if not self._wait_for_exit(instance, self.stop_grace_seconds):
+            logger.warning("pid %d ignored SIGTERM for %ss; killing it", pid, self.stop_grace_seconds)
             _signal_group(pid, signal.SIGKILL)
-            if not self._wait_for_exit(instance, STOP_GRACE_SECONDS):
+            if not self._wait_for_exit(instance, KILL_WAIT_SECONDS):
                 raise LaunchError(f"pid {pid} is still running after SIGKILL")
         _children.pop(pid, None)
 
