@@ -1,0 +1,1 @@
+"""Talking to ComfyUI: the HTTP client (`client`) and the WebSocket watcher (`watcher`)."""

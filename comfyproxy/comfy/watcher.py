@@ -1,0 +1,110 @@
+"""A WebSocket to each ComfyUI instance that runs a task, to notice the moment a prompt ends.
+
+Per-prompt events go only to the submitting browser's client id. What every socket
+receives is the broadcast `status` frame (sent when a prompt finishes, among other
+times) and, for prompts without a client id, `executing` and `execution_interrupted`.
+Each of these means "read /history now". The socket uses a client id of the
+dispatcher's own: ComfyUI keeps only the newest socket per client id, so borrowing the
+student's would silence the student's page.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+logger = logging.getLogger(__name__)
+
+WAKING_EVENTS = frozenset(
+    {"status", "executing", "execution_success", "execution_error", "execution_interrupted"}
+)
+# Status frames are tiny; this only bounds what a misbehaving server can make us buffer.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+def _event_type(frame: str) -> str | None:
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        return None
+    return message.get("type") if isinstance(message, dict) else None
+
+
+class InstanceWatchers:
+    """One socket per instance, shared by whoever follows a prompt there, closed when nobody does."""
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        open_timeout: float = 5.0,
+        first_reconnect_delay: float = 0.1,
+        max_reconnect_delay: float = 5.0,
+    ):
+        self.client_id = client_id
+        self.open_timeout = open_timeout
+        self.first_reconnect_delay = first_reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self._sockets: dict[str, asyncio.Task] = {}
+        self._listeners: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.asynccontextmanager
+    async def watch(self, base_url: str, activity: asyncio.Event) -> AsyncIterator[None]:
+        """While inside, set `activity` whenever the instance reports something that may end a prompt.
+
+        It is also set on (re)connecting, since frames may have been missed meanwhile,
+        and on disconnecting, so the follower notices an instance that went away.
+        """
+        listeners = self._listeners.setdefault(base_url, set())
+        listeners.add(activity)
+        if base_url not in self._sockets:
+            self._sockets[base_url] = asyncio.create_task(
+                self._keep_socket(base_url, listeners), name=f"watch {base_url}"
+            )
+        try:
+            yield
+        finally:
+            listeners.discard(activity)
+            if not listeners:
+                del self._listeners[base_url]
+                self._sockets.pop(base_url).cancel()
+
+    async def aclose(self) -> None:
+        tasks = list(self._sockets.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sockets.clear()
+        self._listeners.clear()
+
+    async def _keep_socket(self, base_url: str, listeners: set[asyncio.Event]) -> None:
+        def notify():
+            for activity in listeners:
+                activity.set()
+
+        url = "ws" + base_url.removeprefix("http") + f"/ws?clientId={self.client_id}"
+        delay = self.first_reconnect_delay
+        while True:
+            try:
+                async with connect(
+                    url,
+                    open_timeout=self.open_timeout,
+                    close_timeout=1,
+                    proxy=None,
+                    compression=None,
+                    max_size=MAX_FRAME_BYTES,
+                ) as socket:
+                    delay = self.first_reconnect_delay
+                    notify()
+                    async for frame in socket:
+                        if isinstance(frame, str) and _event_type(frame) in WAKING_EVENTS:
+                            notify()
+            except (OSError, TimeoutError, WebSocketException) as error:
+                logger.debug("socket to %s: %s", base_url, error)
+            notify()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_reconnect_delay)
