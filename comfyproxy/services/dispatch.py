@@ -1,0 +1,360 @@
+"""The dispatcher's state transitions: the lease, claiming the next task, recording how it ended.
+
+Every write here is fenced by the lease epoch: it happens only while the writer still
+holds the lease it acquired, checked inside the same transaction (the lease row is
+locked on PostgreSQL; SQLite's IMMEDIATE transactions serialize writers anyway). So a
+dispatcher that was paused past its lease and resumes finds its writes refused.
+The web side's transitions (submit, cancel) live in `services.queue`.
+"""
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from comfyproxy.comfy.client import ComfyError, ComfyRejected, ComfyUnreachable, HistoryEntry
+from comfyproxy.models import (
+    INSTANCE_LIVE_STATES,
+    ComfyInstance,
+    DispatcherLease,
+    InstanceState,
+    QueueSettings,
+    Task,
+    TaskReason,
+    TaskStatus,
+)
+
+# A claim normally takes the first candidate; more are tried only when a concurrent
+# cancel (PostgreSQL, READ COMMITTED) took one away between the scan and the UPDATE.
+CLAIM_CANDIDATES = 5
+
+
+class LeaseLost(Exception):
+    """The lease belongs to another dispatcher now: this one must not change anything."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    holder: str
+    epoch: int
+
+
+def new_holder_name() -> str:
+    """Unique per process start, so a restarted dispatcher never mistakes the old lease for its own."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# --- The lease ---------------------------------------------------------------------------
+
+
+def acquire_lease(holder: str, duration: timedelta) -> Lease | None:
+    """Take the lease if it is free or expired; each taking starts a new epoch."""
+    now = timezone.now()
+    with transaction.atomic():
+        DispatcherLease.objects.get_or_create(pk=1)
+        taken = DispatcherLease.objects.filter(
+            Q(expires_at__isnull=True) | Q(expires_at__lte=now), pk=1
+        ).update(
+            holder=holder,
+            epoch=F("epoch") + 1,
+            acquired_at=now,
+            renewed_at=now,
+            expires_at=now + duration,
+        )
+        if not taken:
+            return None
+        epoch = DispatcherLease.objects.values_list("epoch", flat=True).get(pk=1)
+    return Lease(holder=holder, epoch=epoch)
+
+
+def renew_lease(lease: Lease, duration: timedelta) -> bool:
+    """Extend the lease; False once another dispatcher has taken it (a new epoch).
+
+    A lease that ran out while nobody else took it is still ours: the epoch proves
+    that no one else wrote in between. `renewed_at` is the heartbeat /healthz reads.
+    """
+    now = timezone.now()
+    return bool(
+        DispatcherLease.objects.filter(pk=1, holder=lease.holder, epoch=lease.epoch).update(
+            renewed_at=now, expires_at=now + duration
+        )
+    )
+
+
+def release_lease(lease: Lease) -> None:
+    """Let a successor take over at once (a clean shutdown)."""
+    DispatcherLease.objects.filter(pk=1, holder=lease.holder, epoch=lease.epoch).update(
+        expires_at=timezone.now()
+    )
+
+
+def dispatcher_heartbeat() -> DispatcherLease | None:
+    """The lease row: who dispatches, and when it last said it is alive (`renewed_at`)."""
+    return DispatcherLease.objects.filter(pk=1).first()
+
+
+def _fence(lease: Lease) -> None:
+    """Inside a write transaction: go on only while the lease is still this epoch's."""
+    held = DispatcherLease.objects.select_for_update().filter(pk=1, holder=lease.holder, epoch=lease.epoch)
+    if not held.exists():
+        raise LeaseLost(f"lease epoch {lease.epoch} of {lease.holder} is no longer current")
+
+
+# --- Claiming ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A task the dispatcher runs, with the live settings read when it was claimed."""
+
+    task: Task
+    run_timeout_seconds: int
+    free_memory_after: bool
+
+
+def _instance_at_task_address(states):
+    return ComfyInstance.objects.filter(
+        pk=OuterRef("instance_id"), state__in=states, host=OuterRef("host"), port=OuterRef("port")
+    )
+
+
+def _fail_orphaned_tasks(now) -> int:
+    """Queued tasks whose instance is gone (or now lives elsewhere) can never run: end them."""
+    return (
+        Task.objects.queued()
+        .filter(~Exists(_instance_at_task_address(INSTANCE_LIVE_STATES)))
+        .update(
+            status=TaskStatus.FAILED,
+            reason=TaskReason.INSTANCE_STOPPED,
+            error_message=_("Your ComfyUI stopped before this task could run."),
+            finished_at=now,
+        )
+    )
+
+
+def claim_next_task(lease: Lease) -> Assignment | None:
+    """Move the oldest eligible queued task to processing, if the cap and pause allow.
+
+    Eligible: its student's instance runs at the task's address and runs nothing else
+    for us (one task per instance; a student's second task never blocks the others).
+    The cap and pause are read fresh, so a teacher's change applies to the next claim;
+    the running count is the processing rows themselves, never a counter.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        _fence(lease)
+        _fail_orphaned_tasks(now)
+        queue_settings = QueueSettings.load()
+        if queue_settings.paused:
+            return None
+        if Task.objects.processing().count() >= queue_settings.max_concurrent:
+            return None
+        busy_instances = Task.objects.processing().filter(instance__isnull=False).values("instance_id")
+        candidates = (
+            Task.objects.queued()
+            .filter(Exists(_instance_at_task_address([InstanceState.RUNNING])))
+            .exclude(instance_id__in=busy_instances)
+            .in_queue_order()
+            .select_related("owner")
+        )
+        for task in candidates[:CLAIM_CANDIDATES]:
+            claimed = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+                status=TaskStatus.PROCESSING,
+                started_at=now,
+                dispatch_attempts=F("dispatch_attempts") + 1,
+            )
+            if claimed:
+                task.status = TaskStatus.PROCESSING
+                task.started_at = now
+                task.dispatch_attempts += 1
+                return Assignment(
+                    task=task,
+                    run_timeout_seconds=queue_settings.effective_run_timeout_seconds,
+                    free_memory_after=queue_settings.free_memory_after_task,
+                )
+    return None
+
+
+def processing_assignments() -> list[Assignment]:
+    """Every task marked processing: what a dispatcher reconciles when it takes the lease."""
+    queue_settings = QueueSettings.load()
+    return [
+        Assignment(
+            task=task,
+            run_timeout_seconds=queue_settings.effective_run_timeout_seconds,
+            free_memory_after=queue_settings.free_memory_after_task,
+        )
+        for task in Task.objects.processing().select_related("owner").order_by("started_at")
+    ]
+
+
+def cancel_requested_among(task_ids) -> set:
+    """Which of these running tasks a student or teacher asked to cancel."""
+    return set(
+        Task.objects.processing()
+        .filter(pk__in=list(task_ids), cancel_requested_at__isnull=False)
+        .values_list("pk", flat=True)
+    )
+
+
+def mark_submitted(lease: Lease, task_id, *, number: float | None) -> bool:
+    """ComfyUI has the prompt (it accepted it, or it was found there after a crash)."""
+    with transaction.atomic():
+        _fence(lease)
+        return bool(
+            Task.objects.filter(pk=task_id, status=TaskStatus.PROCESSING, submitted_at__isnull=True).update(
+                submitted_at=timezone.now(), comfy_number=number
+            )
+        )
+
+
+# --- How a run ended ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    reason: str = ""
+    message: str = ""
+    comfy_error: dict | None = None
+    node_errors: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+
+def _comfy_message(error: dict) -> str:
+    message = str(error.get("message") or "")
+    details = str(error.get("details") or "")
+    return f"{message}: {details}" if message and details else message or details
+
+
+def completed(entry: HistoryEntry) -> Outcome:
+    return Outcome(TaskStatus.COMPLETED, outputs=entry.outputs)
+
+
+def cancelled() -> Outcome:
+    # The reason (by the student or by a teacher) is the one cancel_task recorded.
+    return Outcome(TaskStatus.CANCELLED)
+
+
+def rejected(error: ComfyRejected) -> Outcome:
+    return Outcome(
+        TaskStatus.FAILED,
+        TaskReason.VALIDATION,
+        _("ComfyUI rejected the workflow: %(message)s") % {"message": _comfy_message(error.error)},
+        comfy_error=error.error,
+        node_errors=error.node_errors,
+    )
+
+
+def execution_failed(entry: HistoryEntry) -> Outcome:
+    error = entry.execution_error or {}
+    return Outcome(
+        TaskStatus.FAILED,
+        TaskReason.EXECUTION_ERROR,
+        _("The workflow failed at node %(node)s (%(type)s): %(error)s")
+        % {
+            "node": error.get("node_id", "?"),
+            "type": error.get("node_type", "?"),
+            "error": error.get("exception_message", "").strip(),
+        },
+        comfy_error=error,
+    )
+
+
+def interrupted() -> Outcome:
+    return Outcome(TaskStatus.FAILED, TaskReason.INTERRUPTED, _("The run was interrupted in ComfyUI."))
+
+
+def timed_out(seconds: int, *, confirmed: bool) -> Outcome:
+    message = _("The run took longer than %(seconds)d seconds and was stopped.") % {"seconds": seconds}
+    if not confirmed:
+        message += " " + _("ComfyUI did not confirm that it stopped.")
+    return Outcome(TaskStatus.FAILED, TaskReason.TIMEOUT, message)
+
+
+def lost() -> Outcome:
+    return Outcome(
+        TaskStatus.FAILED,
+        TaskReason.LOST,
+        _("ComfyUI no longer knows this task (it may have restarted). Please queue it again."),
+    )
+
+
+def comfy_failed(error: ComfyError) -> Outcome:
+    """ComfyUI could not take or finish the task: it is gone, unreachable, or answered an error."""
+    if isinstance(error, ComfyUnreachable) and error.refused:
+        return Outcome(
+            TaskStatus.FAILED,
+            TaskReason.INSTANCE_STOPPED,
+            _("Your ComfyUI stopped while this task was running. Start it again and queue the task."),
+            comfy_error={"type": "instance_stopped", "message": str(error)},
+        )
+    if isinstance(error, ComfyUnreachable):
+        return Outcome(
+            TaskStatus.FAILED,
+            TaskReason.COMFY_UNREACHABLE,
+            _("ComfyUI did not answer, so the task was stopped. Please try again later."),
+            comfy_error={"type": "comfy_unreachable", "message": str(error)},
+        )
+    return Outcome(
+        TaskStatus.FAILED,
+        TaskReason.COMFY_SERVER_ERROR,
+        _("ComfyUI answered with an error, so the task could not run: %(error)s") % {"error": error},
+        comfy_error={"type": "comfy_server_error", "message": str(error)},
+    )
+
+
+def outcome_of(entry: HistoryEntry, *, cancel_requested: bool, timed_out_after: int | None) -> Outcome:
+    """What a finished history entry means for the task (an interrupt we sent has a reason)."""
+    if entry.succeeded:
+        return completed(entry)
+    if entry.interrupted:
+        if cancel_requested:
+            return cancelled()
+        if timed_out_after is not None:
+            return timed_out(timed_out_after, confirmed=True)
+        return interrupted()
+    return execution_failed(entry)
+
+
+def finish_task(lease: Lease, task_id, outcome: Outcome) -> Task | None:
+    """Record the end of a processing task; None if it was not processing any more."""
+    now = timezone.now()
+    with transaction.atomic():
+        _fence(lease)
+        task = (
+            Task.objects.select_for_update(of=("self",))
+            .select_related("owner")
+            .filter(pk=task_id, status=TaskStatus.PROCESSING)
+            .first()
+        )
+        if task is None:
+            return None
+        task.status = outcome.status
+        if outcome.status == TaskStatus.CANCELLED:
+            task.reason = task.reason or TaskReason.CANCELLED_BY_OWNER
+        else:
+            task.reason = outcome.reason
+        task.error_message = outcome.message
+        task.comfy_error = outcome.comfy_error
+        task.node_errors = outcome.node_errors
+        task.outputs = outcome.outputs
+        task.finished_at = now
+        task.save(
+            update_fields=[
+                "status",
+                "reason",
+                "error_message",
+                "comfy_error",
+                "node_errors",
+                "outputs",
+                "finished_at",
+            ]
+        )
+    return task
