@@ -87,9 +87,14 @@ def test_stop_kills_a_process_that_ignores_sigterm(launch):
 def test_a_recycled_pid_is_not_mistaken_for_the_instance(launch):
     launcher, instance = launch()
     # The kernel gave the pid to another process: same number, different start time.
-    instance.launcher_handle = {**instance.launcher_handle, "pid": os.getpid()}
-    assert not launcher.is_alive(instance)
-    launcher.stop(instance)  # must not signal the unrelated process (this test run)
+    recycled = ComfyInstance(
+        user=instance.user,
+        host=instance.host,
+        port=instance.port,
+        launcher_handle={**instance.launcher_handle, "pid": os.getpid()},
+    )
+    assert not launcher.is_alive(recycled)
+    launcher.stop(recycled)  # must not signal the unrelated process (this test run)
 
 
 # A web worker's start, in a process of its own that exits right after.
