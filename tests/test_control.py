@@ -15,7 +15,7 @@ WORKFLOW = {
 }
 PORT = 8189
 
-pytestmark = pytest.mark.usefixtures("fast_password_hashing")
+pytestmark = [pytest.mark.usefixtures("fast_password_hashing"), pytest.mark.postgres]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from django.utils import timezone
 from comfyproxy.models import TaskReason, TaskStatus
 from comfyproxy.services import usage
 
-pytestmark = pytest.mark.usefixtures("fast_password_hashing")
+pytestmark = [pytest.mark.usefixtures("fast_password_hashing"), pytest.mark.postgres]
 
 CLASS_DAY = date(2026, 3, 2)
 WINDOW = {"since": "2026-03-02T08:00", "until": "2026-03-02T12:00"}
