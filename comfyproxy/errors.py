@@ -74,6 +74,12 @@ class InstanceNotRunning(QueueError):
     message = _('Your ComfyUI is not running. Press "Start ComfyUI" on the practice page first.')
 
 
+class InstanceBusy(QueueError):
+    status_code = 409
+    code = "instance_busy"
+    message = _("Your ComfyUI is starting or stopping. Please wait a moment and try again.")
+
+
 class TaskAlreadyFinished(QueueError):
     status_code = 409
     code = "task_finished"

@@ -1,14 +1,17 @@
 """Fixtures shared by the suite: people, instances, and clients logged in as them."""
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from comfyproxy.models import TERMINAL_STATUSES, QueueSettings, Task, TaskStatus
+from comfyproxy.launchers import LaunchError, launcher_for
+from comfyproxy.models import TERMINAL_STATUSES, ComfyInstance, QueueSettings, Task, TaskStatus
 from comfyproxy.services import instances
+from tests.processes import free_port_block
 
 _usernames = itertools.count(1)
 
@@ -63,6 +66,43 @@ def register_instance(db):
         return instances.register_instance(user=user, port=port, host=host)
 
     return register
+
+
+@dataclass(frozen=True)
+class LocalComfy:
+    ports: range
+    # The same configuration as environment variables, for servers a test runs as subprocesses.
+    env: dict[str, str]
+
+
+@pytest.fixture
+def local_comfy(db, settings, tmp_path):
+    """Students' instances start as real emulator processes (the local launcher) on free
+    loopback ports; every one still running is stopped after the test."""
+    port_count = 4
+    first = free_port_block(port_count)
+    env = {
+        "COMFY_LAUNCHER": "local",
+        "COMFY_GPU_HOST": "127.0.0.1",
+        "COMFY_PROXY_BASE_URL": "http://127.0.0.1",
+        "COMFY_PORT_RANGE": f"{first}-{first + port_count - 1}",
+        "COMFY_LOCAL_LOG_DIR": str(tmp_path / "comfyui-logs"),
+        "COMFY_START_TIMEOUT_SECONDS": "20",
+    }
+    settings.COMFY_LAUNCHER = env["COMFY_LAUNCHER"]
+    settings.COMFY_GPU_HOST = env["COMFY_GPU_HOST"]
+    settings.COMFY_PROXY_BASE_URL = env["COMFY_PROXY_BASE_URL"]
+    settings.COMFY_PORT_RANGE = (first, first + port_count - 1)
+    settings.COMFY_LOCAL_LOG_DIR = env["COMFY_LOCAL_LOG_DIR"]
+    settings.COMFY_START_TIMEOUT_SECONDS = int(env["COMFY_START_TIMEOUT_SECONDS"])
+    yield LocalComfy(ports=range(first, first + port_count), env=env)
+    for instance in ComfyInstance.objects.exclude(launcher_handle={}):
+        launcher = launcher_for(instance)
+        try:
+            if launcher is not None:
+                launcher.stop(instance)
+        except LaunchError:
+            pass  # a test's deliberately unreachable GPU server: nothing was started there
 
 
 @pytest.fixture

@@ -23,14 +23,19 @@ LAUNCHERS = {
 }
 
 
-def get_launcher(name: str | None = None) -> Launcher | None:
-    """The launcher called `name` (settings.COMFY_LAUNCHER by default); None for external instances."""
-    name = name or settings.COMFY_LAUNCHER
-    if name == EXTERNAL:
-        return None
+def configured_launcher() -> Launcher:
+    """The launcher new instances start with (settings.COMFY_LAUNCHER)."""
+    name = settings.COMFY_LAUNCHER
     if name not in LAUNCHERS:
         raise ImproperlyConfigured(f"COMFY_LAUNCHER must be one of {sorted(LAUNCHERS)}, got {name!r}")
     return import_string(LAUNCHERS[name]).from_settings()
 
 
-__all__ = ["EXTERNAL", "LaunchError", "Launcher", "get_launcher"]
+def launcher_for(instance) -> Launcher | None:
+    """The launcher that started this instance; None if it was started outside the teaching system."""
+    if instance.launcher not in LAUNCHERS:
+        return None
+    return import_string(LAUNCHERS[instance.launcher]).from_settings()
+
+
+__all__ = ["EXTERNAL", "LaunchError", "Launcher", "configured_launcher", "launcher_for"]
