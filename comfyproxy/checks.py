@@ -1,10 +1,11 @@
 """System checks for channel-layer settings that would only fail in front of a class."""
 
+from channels.layers import InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 from django.core.checks import Error, register
-
-IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
-REDIS_LAYERS = ("channels_redis.core.RedisChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer")
+from django.utils.module_loading import import_string
 
 
 @register()
@@ -18,8 +19,11 @@ def check_channel_layer(app_configs, **kwargs):
                 id="comfyproxy.E001",
             )
         ]
-    backend = layer.get("BACKEND", "")
-    if backend == IN_MEMORY_LAYER:
+    try:
+        backend = import_string(layer.get("BACKEND", ""))
+    except ImportError as exc:
+        return [Error(f"The channel layer backend cannot be imported: {exc}", id="comfyproxy.E004")]
+    if issubclass(backend, InMemoryChannelLayer):
         return [
             Error(
                 "The in-memory channel layer cannot carry queue updates.",
@@ -31,7 +35,7 @@ def check_channel_layer(app_configs, **kwargs):
                 id="comfyproxy.E002",
             )
         ]
-    if backend in REDIS_LAYERS:
+    if issubclass(backend, RedisChannelLayer | RedisPubSubChannelLayer):
         return [
             Error(
                 f"Channel layer host #{number} keeps redis-py's 5 second read timeout.",

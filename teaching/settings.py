@@ -172,9 +172,10 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         # One broadcast per queue change over Redis pub/sub: no per-process capacity to
-        # overflow, so no silently dropped updates (services/broadcast.py). checks.py
-        # refuses the in-memory layer: the dispatcher sends from its own process.
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        # overflow, so no silently dropped updates (services/broadcast.py), decoded once
+        # per process however many sockets it reaches (comfyproxy/channel_layer.py).
+        # checks.py refuses the in-memory layer: the dispatcher sends from its own process.
+        "BACKEND": "comfyproxy.channel_layer.SharedDecodePubSubChannelLayer",
         "CONFIG": {
             "hosts": [
                 {

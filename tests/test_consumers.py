@@ -10,6 +10,7 @@ from django.conf import settings
 from django.test import Client
 from django.utils import timezone
 
+from comfyproxy.channel_layer import SharedDecodePubSubChannelLayer
 from comfyproxy.models import Task, TaskStatus
 from comfyproxy.services import broadcast, queue
 from teaching.asgi import application
@@ -213,3 +214,16 @@ def test_frames_are_valid_json_with_chinese_text_and_own_tasks_only(student, oth
     assert frame["queue"] == {"note": "前方还有 1 人排队"}
     assert [task["task_id"] for task in frame["tasks"]] == [str(mine.id)]
     assert str(theirs.id) not in json.dumps(frame)
+
+
+def test_layer_decodes_a_message_once_for_all_its_receivers():
+    layer = SharedDecodePubSubChannelLayer()
+    raw = layer.serialize({"type": "queue.snapshot", "as_of": 1.0})
+    same_content_other_message = bytes(bytearray(raw))
+
+    first, second = layer.deserialize(raw), layer.deserialize(raw)
+    third = layer.deserialize(same_content_other_message)
+
+    assert first is second
+    assert third == first
+    assert third is not first

@@ -19,6 +19,11 @@ def test_in_memory_layer_is_refused(settings):
     assert channel_layer_errors() == ["comfyproxy.E002"]
 
 
+def test_unimportable_layer_is_refused(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.nowhere.Layer"}}
+    assert channel_layer_errors() == ["comfyproxy.E004"]
+
+
 def test_missing_layer_is_refused(settings):
     settings.CHANNEL_LAYERS = {}
     assert channel_layer_errors() == ["comfyproxy.E001"]
@@ -34,7 +39,12 @@ def test_missing_layer_is_refused(settings):
     ],
 )
 @pytest.mark.parametrize(
-    "backend", ["channels_redis.core.RedisChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer"]
+    "backend",
+    [
+        "channels_redis.core.RedisChannelLayer",
+        "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "comfyproxy.channel_layer.SharedDecodePubSubChannelLayer",
+    ],
 )
 def test_redis_layer_that_keeps_the_five_second_read_timeout_is_refused(settings, backend, hosts):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": backend, "CONFIG": {"hosts": [REDIS_HOST, *hosts]}}}
