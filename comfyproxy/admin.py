@@ -27,6 +27,18 @@ def _seconds_between(start, end) -> float | None:
     return ((end or timezone.now()) - start).total_seconds()
 
 
+def run_action(model_admin, request, service, **selection) -> None:
+    """Call a control service as this teacher and show what it did (a warning if nothing changed)."""
+    try:
+        result = service(actor=request.user, **selection)
+    except errors.QueueError as error:
+        model_admin.message_user(request, error.message, messages.ERROR)
+        return
+    model_admin.message_user(
+        request, result.message, messages.SUCCESS if result.affected else messages.WARNING
+    )
+
+
 class ReadOnlyRowsMixin:
     """Rows that only services write: their pages are read-only, and nobody adds or deletes them."""
 
@@ -122,47 +134,30 @@ class TaskAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
             *super().get_urls(),
         ]
 
-    def _report(self, request, action, queryset):
-        try:
-            result = action(actor=request.user, tasks=queryset)
-        except errors.QueueError as error:
-            self.message_user(request, error.message, messages.ERROR)
-            return
-        self.message_user(request, result.message, messages.SUCCESS if result.affected else messages.WARNING)
-
     @admin.action(description=_("Cancel selected tasks"), permissions=["change"])
     def cancel_selected(self, request, queryset):
-        self._report(request, control.cancel_tasks, queryset)
+        run_action(self, request, control.cancel_tasks, tasks=queryset)
 
     @admin.action(description=_("Interrupt selected running tasks"), permissions=["change"])
     def interrupt_selected(self, request, queryset):
-        self._report(request, control.interrupt_tasks, queryset)
+        run_action(self, request, control.interrupt_tasks, tasks=queryset)
 
     @admin.action(description=_("Retry selected failed or cancelled tasks"), permissions=["change"])
     def retry_selected(self, request, queryset):
-        self._report(request, control.retry_tasks, queryset)
+        run_action(self, request, control.retry_tasks, tasks=queryset)
 
     @admin.action(description=_("Move selected tasks to the front of the queue"), permissions=["change"])
     def move_selected_to_front(self, request, queryset):
-        self._report(request, control.move_to_front, queryset)
+        run_action(self, request, control.move_to_front, tasks=queryset)
 
 
 @admin.register(ComfyInstance)
 class ComfyInstanceAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
-    list_display = (
-        "user",
-        "host",
-        "port",
-        "state",
-        "healthy",
-        "last_activity_at",
-        "idle_for",
-        "started_at",
-        "active_tasks",
-    )
+    list_display = ("user", "port", "state", "healthy", "last_activity_at", "idle_for", "active_tasks")
     list_filter = ("state", "healthy", "launcher")
     search_fields = ("user__username", "user__first_name", "user__last_name")
     list_select_related = ("user",)
+    actions = ("start_selected", "stop_selected")
     fields = (
         "user",
         "host",
@@ -182,6 +177,14 @@ class ComfyInstanceAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
         active = Count("tasks", filter=Q(tasks__status__in=ACTIVE_STATUSES))
         return super().get_queryset(request).annotate(active_task_count=active)
 
+    def changelist_view(self, request, extra_context=None):
+        context = {"can_stop_idle": self.has_change_permission(request), **(extra_context or {})}
+        return super().changelist_view(request, context)
+
+    def get_urls(self):
+        stop_idle = self.admin_site.admin_view(admin_views.StopIdleInstancesView.as_view(model_admin=self))
+        return [path("stop-idle/", stop_idle, name="comfyproxy_stop_idle_instances"), *super().get_urls()]
+
     @admin.display(description=_("idle for"))
     def idle_for(self, instance):
         if instance.state != InstanceState.RUNNING:
@@ -191,6 +194,14 @@ class ComfyInstanceAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
     @admin.display(description=_("waiting or running tasks"), ordering="active_task_count")
     def active_tasks(self, instance):
         return instance.active_task_count
+
+    @admin.action(description=_("Start ComfyUI for the selected students"), permissions=["change"])
+    def start_selected(self, request, queryset):
+        run_action(self, request, control.start_instances, instances=queryset)
+
+    @admin.action(description=_("Stop the selected ComfyUIs"), permissions=["change"])
+    def stop_selected(self, request, queryset):
+        run_action(self, request, control.stop_instances, instances=queryset)
 
 
 @admin.register(QueueSettings)

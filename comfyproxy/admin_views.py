@@ -195,6 +195,24 @@ class BoardActionView(AdminPageView):
         return HttpResponseRedirect(reverse("admin:comfyproxy_board"), status=303)
 
 
+class StopIdleInstancesView(AdminPageView):
+    """The instance list's button: stop now what the monitor would stop as idle."""
+
+    permission = "change"
+    http_method_names = ["post"]
+
+    def post(self, request):
+        try:
+            result = control.stop_idle_instances(actor=request.user)
+        except errors.QueueError as error:
+            messages.error(request, error.message)
+        else:
+            messages.add_message(
+                request, messages.SUCCESS if result.affected else messages.WARNING, result.message
+            )
+        return HttpResponseRedirect(reverse("admin:comfyproxy_comfyinstance_changelist"), status=303)
+
+
 # --- Usage of a class session -----------------------------------------------------------------
 
 

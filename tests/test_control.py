@@ -1,6 +1,5 @@
 """Teacher actions as services: what each one does to the queue, what it reports, what it records."""
 
-from datetime import timedelta
 
 import pytest
 from django.utils import timezone
@@ -266,14 +265,3 @@ def test_an_operator_at_the_console_is_recorded_by_login_name(student, make_task
     event = AuditEvent.objects.get()
     assert event.actor is None
     assert event.actor_name == "console:ops"
-
-
-def test_idle_instances_are_those_without_work_or_recent_activity(class_of_three, make_task):
-    idle, busy, _recently_active = class_of_three
-    long_ago = timezone.now() - timedelta(minutes=45)
-    ComfyInstance.objects.filter(user__in=[idle, busy]).update(last_activity_at=long_ago)
-    make_task(busy)
-
-    found = list(control.idle_instances(minutes=30))
-
-    assert [instance.user for instance in found] == [idle]

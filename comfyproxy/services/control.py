@@ -10,17 +10,15 @@ what happened ("已取消 3 个任务").
 import getpass
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models.functions import Coalesce
-from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
 from comfyproxy import errors
-from comfyproxy.models import AuditEvent, ComfyInstance, QueueSettings, Task, TaskStatus
+from comfyproxy.models import AuditEvent, ComfyInstance, InstanceState, QueueSettings, Task, TaskStatus
+from comfyproxy.services import instances as instances_service
 from comfyproxy.services import queue
 from comfyproxy.services.notify import queue_changed
 
@@ -359,14 +357,74 @@ def set_run_timeout(*, actor, seconds: int | None) -> ActionResult:
 # --- Instances ------------------------------------------------------------------------------
 
 
-def idle_instances(*, minutes: int, now=None):
-    """Running instances with nothing queued or running and no activity for `minutes`."""
-    cutoff = (now or timezone.now()) - timedelta(minutes=minutes)
-    busy_users = Task.objects.active().values("owner_id")
-    return (
-        ComfyInstance.objects.running()
-        .alias(last_seen=Coalesce("last_activity_at", "started_at"))
-        .filter(last_seen__lt=cutoff)
-        .exclude(user_id__in=busy_users)
-        .select_related("user")
+def _with_users(selected: Iterable[ComfyInstance]) -> list[ComfyInstance]:
+    return list(
+        ComfyInstance.objects.filter(pk__in=[instance.pk for instance in selected]).select_related("user")
     )
+
+
+def start_instances(*, actor, instances: Iterable[ComfyInstance]) -> ActionResult:
+    """Start the selected students' ComfyUI, one after another (each start waits until it answers)."""
+    _require_staff(actor)
+    started = already = 0
+    refused: list[str] = []
+    for instance in _with_users(instances):
+        if instance.state == InstanceState.RUNNING:
+            already += 1
+            continue
+        try:
+            instances_service.start_instance(instance.user)
+        except errors.QueueError as error:
+            refused.append(f"{instance.user.get_username()}: {error.message}")
+            continue
+        started += 1
+    message = _join(
+        ngettext("Started %(count)d ComfyUI.", "Started %(count)d ComfyUIs.", started) % {"count": started},
+        ngettext("%(count)d was already running.", "%(count)d were already running.", already)
+        % {"count": already}
+        if already
+        else "",
+        _("Could not start: %(why)s") % {"why": "; ".join(refused)} if refused else "",
+    )
+    return _record(actor, "start_instances", message, started)
+
+
+def stop_instances(*, actor, instances: Iterable[ComfyInstance]) -> ActionResult:
+    """Stop the selected students' ComfyUI; their waiting tasks fail with a clear reason."""
+    _require_staff(actor)
+    stopped = 0
+    refused: list[str] = []
+    for instance in _with_users(instances):
+        if instance.state != InstanceState.RUNNING:
+            continue
+        try:
+            instances_service.stop_instance(instance.user, message=_("Stopped by a teacher."))
+        except errors.QueueError as error:
+            refused.append(f"{instance.user.get_username()}: {error.message}")
+            continue
+        stopped += 1
+    message = _join(
+        ngettext("Stopped %(count)d ComfyUI.", "Stopped %(count)d ComfyUIs.", stopped) % {"count": stopped},
+        _("Could not stop: %(why)s") % {"why": "; ".join(refused)} if refused else "",
+    )
+    return _record(actor, "stop_instances", message, stopped)
+
+
+def stop_idle_instances(*, actor) -> ActionResult:
+    """Stop now what the instance monitor would stop as idle (frees GPU memory)."""
+    _require_staff(actor)
+    minutes = QueueSettings.load().idle_stop_minutes
+    if not minutes:
+        return ActionResult(
+            action="stop_idle",
+            affected=0,
+            message=_("Idle instances are never stopped: set the idle minutes in the queue settings first."),
+        )
+    stopped = instances_service.stop_idle_instances()
+    names = ", ".join(instance.user.get_username() for instance in stopped)
+    message = ngettext(
+        "Stopped %(count)d ComfyUI idle for %(minutes)d minutes or more.",
+        "Stopped %(count)d ComfyUIs idle for %(minutes)d minutes or more.",
+        len(stopped),
+    ) % {"count": len(stopped), "minutes": minutes}
+    return _record(actor, "stop_idle", _join(message, f"({names})" if names else ""), len(stopped))
