@@ -3,6 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView
 
 from comfyproxy import metrics
+from comfyproxy.api import gate
 from comfyproxy.api.comfy_views import submit_prompt
 
 urlpatterns = [
@@ -20,4 +21,10 @@ urlpatterns = [
         submit_prompt,
         name="comfy-submit",
     ),
+    # The ComfyUI origin's entry (nginx routes it there) and, on the teaching origin, the way to it.
+    path("comfyui-enter/", gate.comfy_enter, name="comfy-enter"),
+    path("comfyui-open/<str:username>/<int:port>/", gate.comfy_open, name="comfy-open"),
+    # nginx's own: the auth gate and the page it shows instead of ComfyUI (not routed from outside).
+    path("_gate/comfy/", gate.comfy_gate, name="comfy-gate"),
+    path("_gate/refused/", gate.comfy_refused, name="comfy-refused"),
 ]

@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
+from comfyproxy import gateway
 from comfyproxy.launchers import LaunchError, launcher_for
 from comfyproxy.models import TERMINAL_STATUSES, ComfyInstance, QueueSettings, Task, TaskStatus
 from comfyproxy.services import instances
@@ -53,6 +54,24 @@ def client_for():
     def make(user) -> Client:
         client = Client()
         client.force_login(user)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def comfy_client_for(settings):
+    """A client on the ComfyUI origin: logged in to the teaching site, then in through the entry link.
+
+    Under /comfyui/ only the entry's comfy_access cookie counts, never the session.
+    """
+
+    def make(user, instance_or_port=None) -> Client:
+        client = Client()
+        client.force_login(user)
+        target = instance_or_port if instance_or_port is not None else user.comfy_instance
+        url = gateway.comfy_entry_url(user, target, client.session.session_key)
+        assert client.get(url.removeprefix(settings.COMFY_PUBLIC_ORIGIN.rstrip("/"))).status_code == 302
         return client
 
     return make

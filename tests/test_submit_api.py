@@ -28,8 +28,9 @@ def alice(student, register_instance):
     return student
 
 
-def test_comfyui_submit_answers_in_comfyui_shape_with_our_prompt_id(alice, client_for):
-    response = post_json(client_for(alice), f"/comfyui/alice/{PORT}/api/prompt", comfy_body(number=-5, front=True))
+def test_comfyui_submit_answers_in_comfyui_shape_with_our_prompt_id(alice, comfy_client_for):
+    body = comfy_body(number=-5, front=True)
+    response = post_json(comfy_client_for(alice), f"/comfyui/alice/{PORT}/api/prompt", body)
     assert response.status_code == 200
     data = response.json()
     assert set(data) >= {"prompt_id", "number", "node_errors", "queue"}
@@ -42,18 +43,20 @@ def test_comfyui_submit_answers_in_comfyui_shape_with_our_prompt_id(alice, clien
 
 
 @pytest.mark.parametrize("path", ["prompt", "api/prompt", "api/prompt/"])
-def test_both_comfyui_spellings_of_the_submit_path_reach_the_queue(alice, client_for, path):
-    response = post_json(client_for(alice), f"/comfyui/alice/{PORT}/{path}", comfy_body())
+def test_both_comfyui_spellings_of_the_submit_path_reach_the_queue(alice, comfy_client_for, path):
+    response = post_json(comfy_client_for(alice), f"/comfyui/alice/{PORT}/{path}", comfy_body())
     assert response.status_code == 200
     assert Task.objects.filter(pk=response.json()["prompt_id"]).exists()
 
 
-def test_second_student_is_told_how_many_are_ahead(alice, other_student, register_instance, client_for, queue_settings):
+def test_second_student_is_told_how_many_are_ahead(
+    alice, other_student, register_instance, comfy_client_for, queue_settings
+):
     queue_settings.max_concurrent_override = 1
     queue_settings.save()
     register_instance(other_student, PORT + 1)
-    post_json(client_for(alice), f"/comfyui/alice/{PORT}/prompt", comfy_body())
-    response = post_json(client_for(other_student), f"/comfyui/bob/{PORT + 1}/prompt", comfy_body())
+    post_json(comfy_client_for(alice), f"/comfyui/alice/{PORT}/prompt", comfy_body())
+    response = post_json(comfy_client_for(other_student), f"/comfyui/bob/{PORT + 1}/prompt", comfy_body())
     assert response.json()["queue"]["position"] == 2
 
 
@@ -85,20 +88,21 @@ def comfy_error_type(response):
     return body["error"]["type"]
 
 
-def test_malformed_json_is_400(alice, client_for):
-    response = client_for(alice).post(f"/comfyui/alice/{PORT}/prompt", data="{nope", content_type="application/json")
+def test_malformed_json_is_400(alice, comfy_client_for):
+    client = comfy_client_for(alice)
+    response = client.post(f"/comfyui/alice/{PORT}/prompt", data="{nope", content_type="application/json")
     assert response.status_code == 400
     assert comfy_error_type(response) == "malformed_json"
 
 
-def test_missing_prompt_is_400_no_prompt(alice, client_for):
-    response = post_json(client_for(alice), f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"})
+def test_missing_prompt_is_400_no_prompt(alice, comfy_client_for):
+    response = post_json(comfy_client_for(alice), f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"})
     assert response.status_code == 400
     assert comfy_error_type(response) == "no_prompt"
 
 
-def test_messages_are_chinese_by_default_and_english_on_request(alice, client_for):
-    client = client_for(alice)
+def test_messages_are_chinese_by_default_and_english_on_request(alice, comfy_client_for):
+    client = comfy_client_for(alice)
     chinese = post_json(client, f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"})
     english = post_json(client, f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"}, HTTP_ACCEPT_LANGUAGE="en")
     assert english.json()["error"]["message"] == "No prompt provided."
@@ -111,22 +115,25 @@ def test_anonymous_is_401(alice, client):
     assert comfy_error_type(response) == "not_authenticated"
 
 
-def test_another_students_instance_is_403(alice, other_student, client_for):
-    response = post_json(client_for(other_student), f"/comfyui/alice/{PORT}/prompt", comfy_body())
-    assert response.status_code == 403
-    assert comfy_error_type(response) == "forbidden"
+def test_another_students_instance_refuses_them(alice, other_student, register_instance, comfy_client_for):
+    register_instance(other_student, PORT + 1)
+    # bob's access is for his own instance's address only: at alice's he is nobody.
+    response = post_json(comfy_client_for(other_student), f"/comfyui/alice/{PORT}/prompt", comfy_body())
+    assert response.status_code == 401
+    assert comfy_error_type(response) == "not_authenticated"
 
 
-def test_teacher_may_submit_for_a_student(alice, teacher, client_for):
-    response = post_json(client_for(teacher), f"/comfyui/alice/{PORT}/prompt", comfy_body())
+def test_teacher_may_submit_for_a_student(alice, teacher, comfy_client_for):
+    client = comfy_client_for(teacher, alice.comfy_instance)
+    response = post_json(client, f"/comfyui/alice/{PORT}/prompt", comfy_body())
     assert response.status_code == 200
     task = Task.objects.get(pk=response.json()["prompt_id"])
     assert task.owner == alice
     assert task.submitted_by == teacher
 
 
-def test_wrong_port_is_409_instance_not_running(alice, client_for):
-    response = post_json(client_for(alice), f"/comfyui/alice/{PORT + 7}/prompt", comfy_body())
+def test_wrong_port_is_409_instance_not_running(alice, comfy_client_for):
+    response = post_json(comfy_client_for(alice, PORT + 7), f"/comfyui/alice/{PORT + 7}/prompt", comfy_body())
     assert response.status_code == 409
     assert comfy_error_type(response) == "instance_not_running"
 
@@ -138,34 +145,34 @@ def test_student_without_instance_gets_a_friendly_error(student, client_for):
     assert "ComfyUI" in response.json()["message"]
 
 
-def test_body_over_the_limit_is_413(alice, client_for, settings):
+def test_body_over_the_limit_is_413(alice, comfy_client_for, settings):
     settings.COMFY_MAX_PROMPT_BYTES = 2048
     body = comfy_body(extra_data={"blob": "x" * 4096})
-    response = post_json(client_for(alice), f"/comfyui/alice/{PORT}/prompt", body)
+    response = post_json(comfy_client_for(alice), f"/comfyui/alice/{PORT}/prompt", body)
     assert response.status_code == 413
     assert comfy_error_type(response) == "body_too_large"
 
 
-def test_per_student_limit_is_429(alice, client_for, queue_settings):
+def test_per_student_limit_is_429(alice, comfy_client_for, queue_settings):
     queue_settings.max_queued_per_student = 2
     queue_settings.save()
-    client = client_for(alice)
+    client = comfy_client_for(alice)
     codes = [post_json(client, f"/comfyui/alice/{PORT}/prompt", comfy_body()).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
     assert Task.objects.count() == 2
 
 
-def test_cross_site_post_is_refused(alice, client_for):
+def test_cross_site_post_is_refused(alice, comfy_client_for):
     response = post_json(
-        client_for(alice), f"/comfyui/alice/{PORT}/prompt", comfy_body(), HTTP_ORIGIN="http://evil.example"
+        comfy_client_for(alice), f"/comfyui/alice/{PORT}/prompt", comfy_body(), HTTP_ORIGIN="http://evil.example"
     )
     assert response.status_code == 403
     assert comfy_error_type(response) == "cross_site_request"
 
 
-def test_deeply_nested_body_is_400_not_500(alice, client_for):
+def test_deeply_nested_body_is_400_not_500(alice, comfy_client_for):
     deep = "[" * 100_000 + "]" * 100_000
-    response = client_for(alice).post(
+    response = comfy_client_for(alice).post(
         f"/comfyui/alice/{PORT}/prompt", data='{"prompt": ' + deep + "}", content_type="application/json"
     )
     assert response.status_code == 400
