@@ -14,16 +14,18 @@ server (its HTTP routes), stats, supervisor (ports, faults, process).
 
 Test instrumentation, on every port (never under /api, never subject to faults):
 - `GET /emulator/stats` → `{"max_running_seen", "running", "submissions": {prompt_id: n},
-  "executions": {prompt_id: n}, "ports": {port: {"mode", "running", "pending", "history"}}}`, over all
-  ports. A prompt is running from the start of its execution until its history entry is written.
+  "executions": {prompt_id: n}, "ports": {port: {"mode", "held_requests", "running", "pending",
+  "history"}}}`, over all ports. A prompt is running from the start of its execution until its history
+  entry is written; `held_requests` counts requests held by `hang`.
 - `POST /emulator/reset` clears the counters.
 - `GET /emulator/faults` → `{port: mode}`; `POST /emulator/faults {"port": P, "mode": M}` sets a mode
   and answers once it is in effect:
   - `normal`: behaves like ComfyUI.
   - `fail`: every HTTP request on P (WebSocket handshakes too) answers 500.
   - `hang`: requests on P are accepted and never answered, until the mode changes.
-  - `refuse`: P stops listening (connection refused); idle kept-alive connections are closed. The
-    instance keeps its state and its open WebSockets; `normal` listens again.
+  - `refuse`: P stops listening (connection refused); a request on a connection kept alive from
+    before is dropped unanswered. The instance keeps its state and its open WebSockets; `normal`
+    listens again.
   - `die`: the instance crashes like a killed process: running prompt abandoned without history, queue
     lost, every connection dropped, port closed. Any other mode brings up a fresh, empty instance
     (after --startup-seconds), with the files it wrote still on disk.

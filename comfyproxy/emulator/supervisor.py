@@ -31,6 +31,8 @@ class PortSlot:
         self.instance: ComfyInstance | None = None
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
+        # Requests waiting in `hang` mode (tests wait for one to be held before they release it).
+        self.held_requests = 0
         self._mode_changed = asyncio.Event()
 
     def set_mode(self, mode: FaultMode) -> None:
@@ -39,15 +41,22 @@ class PortSlot:
         self._mode_changed = asyncio.Event()
 
     async def wait_while_hanging(self) -> None:
-        while self.mode is FaultMode.HANG:
-            await self._mode_changed.wait()
+        if self.mode is not FaultMode.HANG:
+            return
+        self.held_requests += 1
+        try:
+            while self.mode is FaultMode.HANG:
+                await self._mode_changed.wait()
+        finally:
+            self.held_requests -= 1
 
     def details(self) -> dict:
+        details = {"mode": self.mode.value, "held_requests": self.held_requests}
         if self.instance is None:
-            return {"mode": self.mode.value, "running": None, "pending": 0, "history": 0}
+            return {**details, "running": None, "pending": 0, "history": 0}
         running, pending = self.instance.queue.queue_snapshot()
         return {
-            "mode": self.mode.value,
+            **details,
             "running": running[0].prompt_id if running else None,
             "pending": len(pending),
             "history": len(self.instance.queue.history),
@@ -115,13 +124,10 @@ class Emulator:
         _announce(f"ComfyUI emulator listening on http://{self.config.host}:{slot.port}")
 
     async def _stop_listening(self, slot: PortSlot) -> None:
+        # Open WebSockets carry on; a request on a kept-alive connection is dropped by the fault gate.
         if slot.site is not None:
             await slot.site.stop()
             slot.site = None
-        # Idle keep-alive connections close too, so clients must reconnect (and are refused);
-        # open WebSockets and requests in progress carry on.
-        for connection in slot.runner.server.connections:
-            connection.close()
 
     async def _kill(self, slot: PortSlot) -> None:
         """Like a killed process: the listener and every connection vanish, and all state with them."""
@@ -147,7 +153,8 @@ class Emulator:
             if slot.instance is not instance or slot.mode in (FaultMode.DIE, FaultMode.REFUSE):
                 # The port died or stopped accepting while this request waited or sat in a
                 # kept-alive connection: drop the connection without an answer.
-                request.transport.abort()
+                if request.transport is not None:
+                    request.transport.abort()
                 return web.Response(status=503)
             if slot.mode is FaultMode.FAIL:
                 return web.Response(

@@ -16,6 +16,7 @@ from .exceptions import full_type_name, traceback_lines
 
 # ComfyUI leaves out the option list of big combos (scanned model files).
 _COMBO_LIST_LIMIT = 20
+_WIDGET_CONVERSIONS = (("INT", int), ("FLOAT", float), ("STRING", str), ("BOOLEAN", bool))
 
 
 @dataclass(frozen=True)
@@ -259,10 +260,10 @@ class PromptValidator:
         if isinstance(value, dict) and "__value__" in value:
             value = value["__value__"]
             inputs[name] = value
-        converter = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type)
-        if converter is not None:
-            value = converter(value)
-            inputs[name] = value
+        for type_name, convert in _WIDGET_CONVERSIONS:
+            if input_type == type_name:  # compared, not looked up: a combo's type is a list
+                value = convert(value)
+                inputs[name] = value
         return value
 
     @staticmethod
