@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,28 +91,40 @@ def start_emulator(
     port_count: int = 1,
     job_seconds: float | None = 0.05,
     output_dir: Path,
+    initial_faults: dict[int, str] | None = None,
     extra_args: tuple[str, ...] = (),
+    entry: tuple[str, ...] = ("-m", "comfyproxy.emulator"),
     startup_timeout: float = 30,
 ) -> EmulatorProcess:
-    """Start `python -m comfyproxy.emulator` and wait for its ready line. Stop it with `.stop()`."""
+    """Start the emulator and wait for its ready line. Stop it with `.stop()`.
+
+    `initial_faults` maps port indexes to the mode they start in ("fail", "hang", "refuse");
+    `entry` runs it another way, e.g. `("manage.py", "comfy_emulator")`.
+    """
     ports = sorted({free_port() for _ in range(port_count)})
     while len(ports) < port_count:
         ports = sorted({*ports, free_port()})
+    modes = {ports[index]: mode for index, mode in (initial_faults or {}).items()}
+    fault_args = []
+    for mode in sorted(set(modes.values())):
+        fault_args += [f"--{mode}-ports", ",".join(str(port) for port in ports if modes.get(port) == mode)]
     command = [
         sys.executable,
-        "-m",
-        "comfyproxy.emulator",
+        *entry,
         "--ports",
         ",".join(map(str, ports)),
         "--output-dir",
         str(output_dir),
         *(() if job_seconds is None else ("--job-seconds", str(job_seconds))),
+        *fault_args,
         *extra_args,
     ]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    emulator = EmulatorProcess(process=process, host="127.0.0.1", ports=ports, output_dir=output_dir)
+    emulator = EmulatorProcess(
+        process=process, host="127.0.0.1", ports=ports, output_dir=output_dir, modes=modes
+    )
     ready = threading.Event()
     threading.Thread(target=_read_output, args=(emulator, ready), daemon=True).start()
     if not ready.wait(startup_timeout) or process.poll() is not None:
@@ -133,20 +146,13 @@ def emulator_process(**options):
 
 
 @pytest.fixture
-def emulator_factory(tmp_path):
-    """Start emulators with any options: `emulator_factory(port_count=3, job_seconds=1.0)`."""
-    started: list[EmulatorProcess] = []
+def emulator_factory():
+    """Start emulators with any options of `start_emulator`, e.g. `emulator_factory(port_count=3)`.
 
-    def start(**options) -> EmulatorProcess:
-        options.setdefault("output_dir", tmp_path / f"emulator{len(started)}")
-        options["output_dir"].mkdir(parents=True, exist_ok=True)
-        emulator = start_emulator(**options)
-        started.append(emulator)
-        return emulator
-
-    yield start
-    for emulator in started:
-        emulator.stop()
+    All are stopped at teardown.
+    """
+    with contextlib.ExitStack() as stack:
+        yield lambda **options: stack.enter_context(emulator_process(**options))
 
 
 @pytest.fixture
@@ -195,16 +201,18 @@ class WebSocketRecorder:
             self.closed = True
             self._changed.notify_all()
 
-    async def wait_for(self, predicate, *, since: int = 0) -> dict:
-        """The first message (from index `since`) that satisfies `predicate`, waiting for it if need be."""
+    async def wait_until(self, condition: Callable[[list[dict]], bool]) -> None:
+        """Wait until `condition(messages so far)` holds."""
         async with asyncio.timeout(self.timeout), self._changed:
-            while True:
-                for message in self.messages[since:]:
-                    if predicate(message):
-                        return message
+            while not condition(self.messages):
                 if self.closed:
-                    raise AssertionError(f"socket closed before the awaited message; got {self.types()}")
+                    raise AssertionError(f"socket closed before the awaited messages; got {self.types()}")
                 await self._changed.wait()
+
+    async def wait_for(self, predicate: Callable[[dict], bool], *, since: int = 0) -> dict:
+        """The first message (from index `since`) that satisfies `predicate`, waiting for it if need be."""
+        await self.wait_until(lambda messages: any(map(predicate, messages[since:])))
+        return next(message for message in self.messages[since:] if predicate(message))
 
     async def wait_for_event(self, event_type: str, *, since: int = 0, **data) -> dict:
         """The first `event_type` message whose data has the given items, e.g. `node=None, prompt_id=x`."""
