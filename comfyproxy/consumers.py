@@ -1,14 +1,20 @@
 """The queue WebSocket: each student sees their own tasks live; teachers see the whole queue.
 
-The consumer only relays: it joins its viewer's group, sends the current state read from
-the database as soon as it connects, then forwards the dispatcher's broadcasts (see
+A consumer only relays: it joins its viewer's group, sends the current state read from the
+database as soon as it connects, then forwards the dispatcher's broadcasts (see
 `services.broadcast`). It never changes the queue and ignores whatever a client sends.
+
+Two doors lead to it: the teaching site's, authenticated by the session (the practice page,
+the admin board), and one per ComfyUI instance on the ComfyUI origin, authenticated by that
+instance's `comfy_access` cookie (the script injected into ComfyUI's page).
 """
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from comfyproxy import errors, gateway
 from comfyproxy.services.broadcast import SNAPSHOT_EVENT, Viewer, read_viewer_state, render_frame
+from comfyproxy.services.queue import authorize, resolve_owner
 
 # Close code for a refused socket (4000-4999 are the application's own).
 NOT_AUTHENTICATED = 4401
@@ -57,3 +63,33 @@ class QueueConsumer(AsyncWebsocketConsumer):
             return
         self.as_of = event["as_of"]
         await self.send(text_data=render_frame(event, self.viewer))
+
+
+class InstanceQueueConsumer(QueueConsumer):
+    """`/comfyui/<user>/<port>/queue-ws/` on the ComfyUI origin: that instance owner's tasks.
+
+    Student JavaScript runs on that origin, so the session (whose cookie browsers send to
+    every port of a host) never counts here: only `comfy_access` for exactly this instance,
+    whose owner, or a teacher, is still logged in to the teaching site.
+    """
+
+    async def identify_viewer(self) -> Viewer | None:
+        route = self.scope["url_route"]["kwargs"]
+        access = self.scope.get("cookies", {}).get(gateway.ACCESS_COOKIE, "")
+        return await database_sync_to_async(instance_viewer)(access, route["username"], route["port"])
+
+
+def instance_viewer(access: str, username: str, port_text: str) -> Viewer | None:
+    """Whose tasks a ComfyUI page may watch: the instance owner's, if `access` admits to it.
+
+    The instance need not be running any more: a student whose ComfyUI stopped still sees
+    why their task ended.
+    """
+    try:
+        grant = gateway.grant_for_path(access, username, port_text)
+        gateway.check_port(port_text)
+        owner = resolve_owner(grant.username)
+        authorize(gateway.session_user(grant), owner)
+    except errors.QueueError:
+        return None
+    return Viewer(owner.pk)

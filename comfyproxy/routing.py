@@ -7,7 +7,7 @@ ComfyUI page could open the teaching site's socket with a teacher's session cook
 
 from channels.security.websocket import OriginValidator
 from django.conf import settings
-from django.urls import path
+from django.urls import path, re_path
 
 from comfyproxy import consumers
 
@@ -15,5 +15,10 @@ websocket_urlpatterns = [
     path(
         "ws/comfy_proxy/queue/",
         OriginValidator(consumers.QueueConsumer.as_asgi(), [settings.SITE_ORIGIN]),
+    ),
+    # nginx routes it from the ComfyUI origin; the injected script connects to it.
+    re_path(
+        r"^comfyui/(?P<username>[^/]+)/(?P<port>[0-9]{1,5})/queue-ws/$",
+        OriginValidator(consumers.InstanceQueueConsumer.as_asgi(), [settings.COMFY_PUBLIC_ORIGIN]),
     ),
 ]
