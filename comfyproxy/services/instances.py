@@ -458,11 +458,6 @@ def instance_of(user) -> ComfyInstance | None:
     return ComfyInstance.objects.select_related("user").filter(user=user).first()
 
 
-def comfy_iframe_url(instance: ComfyInstance, session_key: str | None) -> str:
-    """Where the practice page's iframe opens the student's ComfyUI, on its own origin."""
-    return f"{settings.COMFY_PUBLIC_ORIGIN.rstrip('/')}{instance.proxy_path}"
-
-
 def direct_url(instance: ComfyInstance) -> str:
     """The instance on the GPU server itself (for teachers debugging; students use `url`)."""
     return f"{settings.COMFY_PROXY_BASE_URL.rstrip('/')}:{instance.port}"
@@ -478,8 +473,12 @@ STUDENT_MESSAGES = {
 }
 
 
-def describe_instance(instance: ComfyInstance | None, *, session_key: str | None) -> dict:
-    """The student's instance as the practice page and the status API show it."""
+def describe_instance(instance: ComfyInstance | None) -> dict:
+    """The student's instance as the practice page and the status API show it.
+
+    `url` is the contract's path through the teaching system's nginx; the iframe's entry
+    URL on the ComfyUI origin is per viewer and session, so the caller adds it.
+    """
     state = instance.state if instance is not None else InstanceState.STOPPED
     running = state == InstanceState.RUNNING
     return {
@@ -487,7 +486,6 @@ def describe_instance(instance: ComfyInstance | None, *, session_key: str | None
         "running": running,
         "port": instance.port if running else None,
         "url": instance.proxy_path if running else None,
-        "iframe_url": comfy_iframe_url(instance, session_key) if running else None,
         "direct_url": direct_url(instance) if running else None,
         "healthy": instance.healthy if running else None,
         "started_at": instance.started_at.isoformat() if running and instance.started_at else None,
