@@ -236,35 +236,30 @@ class UsageWindowForm(forms.Form):
         """The window in the query string, or today's class day when none is given."""
         if "since" in query or "until" in query:
             return cls(query)
-        since, until = usage.day_window(timezone.localdate())
-        local = "%Y-%m-%dT%H:%M"
-        return cls(
-            {
-                "since": timezone.localtime(since).strftime(local),
-                "until": timezone.localtime(until).strftime(local),
-            }
-        )
+        return cls(window_query(timezone.localdate(), days=1))
+
+
+# What <input type="datetime-local"> sends, in local time.
+LOCAL_INPUT_FORMAT = "%Y-%m-%dT%H:%M"
+
+
+def window_query(first_day, *, days: int) -> dict:
+    """The query for whole local days starting at `first_day`."""
+    since, _end = usage.day_window(first_day)
+    _start, until = usage.day_window(first_day + timedelta(days=days - 1))
+    return {
+        "since": timezone.localtime(since).strftime(LOCAL_INPUT_FORMAT),
+        "until": timezone.localtime(until).strftime(LOCAL_INPUT_FORMAT),
+    }
 
 
 def quick_windows() -> list[tuple[str, str]]:
     """(label, query string) of the windows a teacher picks most."""
     today = timezone.localdate()
-    local = "%Y-%m-%dT%H:%M"
-
-    def window(first_day, days: int) -> str:
-        since, _until = usage.day_window(first_day)
-        _since, until = usage.day_window(first_day + timedelta(days=days - 1))
-        return urlencode(
-            {
-                "since": timezone.localtime(since).strftime(local),
-                "until": timezone.localtime(until).strftime(local),
-            }
-        )
-
     return [
-        (_("Today"), window(today, 1)),
-        (_("Yesterday"), window(today - timedelta(days=1), 1)),
-        (_("Last 7 days"), window(today - timedelta(days=6), 7)),
+        (_("Today"), urlencode(window_query(today, days=1))),
+        (_("Yesterday"), urlencode(window_query(today - timedelta(days=1), days=1))),
+        (_("Last 7 days"), urlencode(window_query(today - timedelta(days=6), days=7))),
     ]
 
 
@@ -326,6 +321,8 @@ class UsageCsvView(AdminPageView):
 
 
 # --- Charts, drawn on the server as SVG -------------------------------------------------------
+#
+# Geometry is worked out here in SVG user units; chart.html only draws what it is given.
 
 
 @dataclass(frozen=True)
@@ -334,7 +331,6 @@ class Bar:
     y: float
     width: float
     height: float
-    value: int
     title: str
     css_class: str = ""
 
@@ -348,29 +344,35 @@ class Label:
 
 
 @dataclass(frozen=True)
+class GridLine:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: Label
+
+
+@dataclass(frozen=True)
 class Chart:
     width: float
     height: float
     bars: list[Bar]
     labels: list[Label]
-    # Axis ticks: (x1, y1, x2, y2) of the grid line and the label at its end.
-    ticks: list[tuple[float, float, float, float, Label]]
+    grid: list[GridLine]
 
 
 def axis_steps(largest: int) -> list[int]:
     """Whole-number ticks from 0 that cover `largest` in about five steps of 1, 2 or 5 × 10ⁿ."""
     wanted = max(1, math.ceil(largest / 5))
     magnitude = 1
-    while True:
-        step = next((magnitude * f for f in (1, 2, 5) if magnitude * f >= wanted), None)
-        if step is not None:
-            break
+    while not any(magnitude * factor >= wanted for factor in (1, 2, 5)):
         magnitude *= 10
-    top = step * max(1, math.ceil(largest / step))
-    return list(range(0, top + 1, step))
+    step = next(magnitude * factor for factor in (1, 2, 5) if magnitude * factor >= wanted)
+    return list(range(0, step * max(1, math.ceil(largest / step)) + 1, step))
 
 
-HOUR_CHART = {"left": 36, "top": 8, "plot_height": 160, "slot": 36, "bottom": 24}
+# Hour chart: a column per hour, the count axis on the left.
+HOUR_AXIS_WIDTH, HOUR_SLOT, HOUR_PLOT_TOP, HOUR_PLOT_HEIGHT, HOUR_LABELS_HEIGHT = 36, 36, 8, 160, 24
 
 
 def hour_chart(tasks_by_hour: list[int]) -> Chart | None:
@@ -378,88 +380,69 @@ def hour_chart(tasks_by_hour: list[int]) -> Chart | None:
     busy = [hour for hour, count in enumerate(tasks_by_hour) if count]
     if not busy:
         return None
-    left, top, plot_height, slot, bottom = HOUR_CHART.values()
     hours = range(busy[0], busy[-1] + 1)
     steps = axis_steps(max(tasks_by_hour))
-    scale = plot_height / steps[-1]
-    baseline = top + plot_height
-    width = left + slot * len(hours) + 8
+    scale = HOUR_PLOT_HEIGHT / steps[-1]
+    baseline = HOUR_PLOT_TOP + HOUR_PLOT_HEIGHT
+    right = HOUR_AXIS_WIDTH + HOUR_SLOT * len(hours)
     bars, labels = [], []
     for index, hour in enumerate(hours):
         count = tasks_by_hour[hour]
-        x = left + index * slot
+        x = HOUR_AXIS_WIDTH + index * HOUR_SLOT
         bars.append(
-            Bar(
-                x=x + 4,
-                y=baseline - count * scale,
-                width=slot - 8,
-                height=count * scale,
-                value=count,
-                title=f"{hour:02d}:00 – {count}",
-            )
+            Bar(x + 4, baseline - count * scale, HOUR_SLOT - 8, count * scale, f"{hour:02d}:00 – {count}")
         )
-        labels.append(Label(x + slot / 2, baseline + 16, f"{hour:02d}:00"))
-    ticks = [
-        (
-            left,
+        labels.append(Label(x + HOUR_SLOT / 2, baseline + 16, f"{hour:02d}:00"))
+    grid = [
+        GridLine(
+            HOUR_AXIS_WIDTH,
             baseline - step * scale,
-            width,
+            right,
             baseline - step * scale,
-            Label(left - 6, baseline - step * scale + 4, str(step), "end"),
+            Label(HOUR_AXIS_WIDTH - 6, baseline - step * scale + 4, str(step), "end"),
         )
         for step in steps
     ]
-    return Chart(width=width, height=baseline + bottom, bars=bars, labels=labels, ticks=ticks)
+    return Chart(right + 8, baseline + HOUR_LABELS_HEIGHT, bars, labels, grid)
 
 
-# Segment order and CSS class of each outcome in a student's bar.
+# Student chart: a row per student, names on the left, the count axis below.
+# Each outcome is a segment of the student's bar, with the CSS class that colours it.
 OUTCOMES = (
     ("completed", "completed"),
     ("failed", "failed"),
     ("cancelled", "cancelled"),
     ("unfinished", "active"),
 )
-STUDENT_CHART = {"left": 150, "top": 4, "row": 24, "plot_width": 480, "bottom": 24}
+NAMES_WIDTH, ROW_HEIGHT, STUDENT_PLOT_WIDTH, AXIS_LABELS_HEIGHT = 150, 24, 480, 24
 
 
 def student_chart(students: list[usage.Usage]) -> Chart | None:
     """One horizontal bar per student, split by outcome."""
     if not students:
         return None
-    left, top, row, plot_width, bottom = STUDENT_CHART.values()
     steps = axis_steps(max(student.total for student in students))
-    scale = plot_width / steps[-1]
-    plot_bottom = top + row * len(students)
+    scale = STUDENT_PLOT_WIDTH / steps[-1]
+    plot_bottom = ROW_HEIGHT * len(students)
     bars, labels = [], []
     for index, student in enumerate(students):
-        y = top + index * row
-        labels.append(Label(left - 8, y + row / 2 + 4, student.username, "end"))
-        x = float(left)
+        y = index * ROW_HEIGHT
+        labels.append(Label(NAMES_WIDTH - 8, y + ROW_HEIGHT / 2 + 4, student.username, "end"))
+        x = float(NAMES_WIDTH)
         for attribute, css_class in OUTCOMES:
             count = getattr(student, attribute)
             if count:
-                bars.append(
-                    Bar(
-                        x=x,
-                        y=y + 3,
-                        width=count * scale,
-                        height=row - 6,
-                        value=count,
-                        title=f"{student.username}: {count}",
-                        css_class=css_class,
-                    )
-                )
+                title = f"{student.username}: {count}"
+                bars.append(Bar(x, y + 3, count * scale, ROW_HEIGHT - 6, title, css_class))
                 x += count * scale
-    ticks = [
-        (
-            left + step * scale,
-            top,
-            left + step * scale,
+    grid = [
+        GridLine(
+            NAMES_WIDTH + step * scale,
+            0,
+            NAMES_WIDTH + step * scale,
             plot_bottom,
-            Label(left + step * scale, plot_bottom + 16, str(step)),
+            Label(NAMES_WIDTH + step * scale, plot_bottom + 16, str(step)),
         )
         for step in steps
     ]
-    return Chart(
-        width=left + plot_width + 16, height=plot_bottom + bottom, bars=bars, labels=labels, ticks=ticks
-    )
+    return Chart(NAMES_WIDTH + STUDENT_PLOT_WIDTH + 16, plot_bottom + AXIS_LABELS_HEIGHT, bars, labels, grid)

@@ -1,10 +1,8 @@
 """Teacher actions as services: what each one does to the queue, what it reports, what it records."""
 
-
 import pytest
 from django.utils import timezone
 
-from comfyproxy import errors
 from comfyproxy.models import AuditEvent, ComfyInstance, QueueSettings, Task, TaskReason, TaskStatus
 from comfyproxy.services import control, queue
 from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL, redis_connection
@@ -248,10 +246,12 @@ def test_an_unknown_setting_is_refused(teacher, queue_settings):
 def test_students_cannot_steer_the_queue(student, make_task):
     task = make_task(student)
 
-    with pytest.raises(errors.QueueError):
+    with pytest.raises(control.TeachersOnly) as refused:
         control.cancel_tasks(actor=student, tasks=[task])
-    with pytest.raises(errors.QueueError):
-        control.pause_queue(actor=student)
+    assert (refused.value.code, refused.value.status_code) == ("forbidden", 403)
+    for action in (control.pause_queue, control.resume_queue):
+        with pytest.raises(control.TeachersOnly):
+            action(actor=student)
     task.refresh_from_db()
     assert task.status == TaskStatus.QUEUED
     assert not AuditEvent.objects.exists()

@@ -8,6 +8,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from comfyproxy import admin_views
 from comfyproxy.models import TaskReason, TaskStatus
 from comfyproxy.services import usage
 
@@ -142,7 +143,9 @@ def test_the_usage_page_shows_the_session_numbers_and_charts(teacher, client_for
     assert 'data-reason="timeout"' in page
     # Both charts are drawn on the server: one bar per busy hour, one segment per outcome.
     assert page.count('<svg class="comfy-chart"') == 2
-    assert response.context["hour_chart"].bars[0].value == 2
+    hour_bars = response.context["hour_chart"].bars
+    assert [bar.title for bar in hour_bars] == ["09:00 – 2", "10:00 – 4"]
+    assert hour_bars[1].height == pytest.approx(2 * hour_bars[0].height)
     assert [bar.css_class for bar in response.context["student_chart"].bars[:2]] == ["completed", "failed"]
     # Nothing is fetched from elsewhere.
     assert "https://" not in page
@@ -199,3 +202,17 @@ def test_a_bad_window_gets_a_clear_answer(teacher, client_for, window):
     export = client.get(reverse("admin:comfyproxy_usage_csv"), window)
     assert export.status_code == 400
     assert export.json()["code"] == "invalid_window"
+
+
+@pytest.mark.parametrize(
+    ("largest", "ticks"),
+    [
+        (1, [0, 1]),
+        (3, [0, 1, 2, 3]),
+        (7, [0, 2, 4, 6, 8]),
+        (23, [0, 5, 10, 15, 20, 25]),
+        (101, [0, 50, 100, 150]),
+    ],
+)
+def test_chart_axes_use_round_whole_steps_that_cover_the_largest_count(largest, ticks):
+    assert admin_views.axis_steps(largest) == ticks

@@ -1,13 +1,14 @@
 """What teachers and operators do to the queue while a class runs.
 
-Admin actions, the board, `manage.py comfy_queue` and the API all call these functions, so an
-action means the same thing wherever it is taken. Each one records an `AuditEvent` (who,
-when, what, how many), wakes the dispatcher after commit (it re-reads the settings at its
-next dispatch, so nothing needs a restart) and returns an `ActionResult` whose message says
-what happened ("已取消 3 个任务").
+Admin actions, the live board and `manage.py comfy_queue` all call these functions (as
+should any API for teachers), so an action means the same thing wherever it is taken. Each
+one records an `AuditEvent` (who, when, what, how many), wakes the dispatcher after commit
+(it re-reads the settings at its next dispatch, so nothing needs a restart) and returns an
+`ActionResult` whose message says what happened ("已取消 3 个任务").
 """
 
 import getpass
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ class InvalidSetting(errors.QueueError):
     message = gettext_lazy("That value is not allowed for this setting.")
 
 
+class TeachersOnly(errors.QueueError):
+    status_code = 403
+    code = "forbidden"
+    message = gettext_lazy("Only teachers can do this.")
+
+
 @dataclass(frozen=True)
 class ConsoleOperator:
     """Someone running manage.py on the server: trusted like a teacher, recorded by login name."""
@@ -40,7 +47,11 @@ class ConsoleOperator:
 
     @classmethod
     def current(cls) -> "ConsoleOperator":
-        return cls(name=getpass.getuser())
+        try:
+            return cls(name=getpass.getuser())
+        except (OSError, KeyError):
+            # No login name in the environment and no passwd entry (some containers).
+            return cls(name=f"uid {os.getuid()}")
 
     def get_username(self) -> str:
         return self.name
@@ -72,7 +83,7 @@ def _require_staff(actor) -> None:
     if actor is None or not actor.is_authenticated:
         raise errors.NotAuthenticated()
     if not actor.is_staff:
-        raise errors.QueueError(_("Only teachers can do this."))
+        raise TeachersOnly()
 
 
 def _with_owners(tasks: Iterable[Task]) -> list[Task]:
@@ -156,7 +167,7 @@ def retry_tasks(*, actor, tasks: Iterable[Task]) -> ActionResult:
     _require_staff(actor)
     if not isinstance(actor, get_user_model()):
         # The new task records who queued it, which must be an account.
-        raise errors.QueueError(_("Retrying needs a teacher's account."))
+        raise TeachersOnly(_("Retrying needs a teacher's account."))
     retried = 0
     refused: list[str] = []
     for task in _with_owners(tasks):
@@ -317,6 +328,7 @@ def update_settings(*, actor, message: str | None = None, **changes) -> ActionRe
 
 def pause_queue(*, actor) -> ActionResult:
     """Nothing new starts until resumed; running tasks finish normally."""
+    _require_staff(actor)
     if QueueSettings.load().paused:
         return ActionResult(action="pause", affected=0, message=_("The queue was already paused."))
     return update_settings(
@@ -327,6 +339,7 @@ def pause_queue(*, actor) -> ActionResult:
 
 
 def resume_queue(*, actor) -> ActionResult:
+    _require_staff(actor)
     if not QueueSettings.load().paused:
         return ActionResult(action="resume", affected=0, message=_("The queue was not paused."))
     return update_settings(actor=actor, paused=False, message=_("The queue runs again."))
