@@ -7,7 +7,10 @@ from .supervisor import run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m comfyproxy.emulator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m comfyproxy.emulator",
+        description="Serve emulated ComfyUI 0.3.64 instances, one per port.",
+    )
     add_arguments(parser)
     options = vars(parser.parse_args())
     try:

@@ -18,11 +18,9 @@ class NodeClass:
 
     def input_spec(self, input_name: str) -> tuple[object, str | None, dict | None]:
         """(type, category, options) of an input, as ComfyUI's `get_input_info`; all None if unknown."""
-        for category in ("required", "optional", "hidden"):
+        for category in ("required", "optional"):
             spec = self.input_types.get(category, {}).get(input_name)
             if spec is not None:
-                if category == "hidden":
-                    return spec, category, {}
                 return spec[0], category, (spec[1] if len(spec) > 1 else {})
         return None, None, None
 

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{mode}-ports",
             type=parse_port_spec,
             default=(),
-            help=f"ports that start in fault mode {mode!r}",
+            help=f"ports that start in fault mode {mode.value!r}",
         )
 
 

@@ -242,23 +242,31 @@ class PromptExecutor:
         self.node_state.clear()
 
     async def execute(self, item: QueueItem) -> ExecutionOutcome:
-        run = _PromptRun(self, item)
-        return await run.execute()
+        # An interrupt sent while idle must not stop this prompt, as in ComfyUI.
+        self.interrupt_requested = False
+        extra_data = item.extra_data if isinstance(item.extra_data, dict) else {}
+        self.client_id = extra_data.get("client_id")
+        # Node objects live on only for nodes the new prompt still has, with the same class.
+        self.node_state = {
+            key: state
+            for key, state in self.node_state.items()
+            if key[0] in item.prompt and item.prompt[key[0]]["class_type"] == key[1]
+        }
+        return await _PromptRun(self, item, extra_data.get("extra_pnginfo")).execute()
 
 
 class _PromptRun:
-    def __init__(self, executor: PromptExecutor, item: QueueItem):
+    """The state of one prompt's execution: its status messages, executed nodes and shown outputs."""
+
+    def __init__(self, executor: PromptExecutor, item: QueueItem, extra_pnginfo):
         self.executor = executor
         self.prompt_id = item.prompt_id
         self.prompt = item.prompt
         self.outputs_to_execute = item.outputs_to_execute
-        extra_data = item.extra_data if isinstance(item.extra_data, dict) else {}
-        self.extra_pnginfo = extra_data.get("extra_pnginfo")
+        self.extra_pnginfo = extra_pnginfo
         self.messages: list = []
         self.executed: list[str] = []
         self.ui_outputs: dict[str, dict] = {}
-        executor.interrupt_requested = False
-        executor.client_id = extra_data.get("client_id")
         self.progress = ProgressRegistry(self.prompt_id, self._publish_progress)
         # With --job-seconds the workflow's time is split evenly over the nodes that actually run.
         self.seconds_per_node: float | None = None
@@ -279,11 +287,6 @@ class _PromptRun:
     async def execute(self) -> ExecutionOutcome:
         executor = self.executor
         self._add_message("execution_start", {"prompt_id": self.prompt_id}, broadcast=False)
-        executor.node_state = {
-            key: state
-            for key, state in executor.node_state.items()
-            if key[0] in self.prompt and self.prompt[key[0]]["class_type"] == key[1]
-        }
         executor.cache.set_prompt(self.prompt, self._is_changed)
         cached_nodes = [node_id for node_id in self.prompt if executor.cache.get(node_id) is not None]
         self._add_message(
@@ -305,8 +308,7 @@ class _PromptRun:
                 self._report_error(failed, DependencyCycleError("Dependency cycle detected"), {})
                 success = False
                 break
-            error = await self._run_node(node_id)
-            if error is not None:
+            if not await self._run_node(node_id):
                 success = False
                 break
             execution_list.complete(node_id)
@@ -327,7 +329,8 @@ class _PromptRun:
             return None
         return behavior.is_changed(self.executor.files, _node_inputs(node))
 
-    async def _run_node(self, node_id: str) -> Exception | None:
+    async def _run_node(self, node_id: str) -> bool:
+        """Run (or take from the cache) one node; False when it failed or was interrupted."""
         executor = self.executor
         cached = executor.cache.get(node_id)
         if cached is not None:
@@ -337,7 +340,7 @@ class _PromptRun:
             if cached.ui is not None:
                 self.ui_outputs[node_id] = cached.ui
             self.progress.finish(node_id)
-            return None
+            return True
 
         node = self.prompt[node_id]
         node_class = executor.catalog.classes[node["class_type"]]
@@ -355,12 +358,12 @@ class _PromptRun:
             if executor.interrupt_requested:
                 raise InterruptProcessing()
             result = await self._compute(node_id, node_class.name, behavior, arguments)
-        except InterruptProcessing as interruption:
+        except InterruptProcessing:
             self._report_interrupted(node_id)
-            return interruption
+            return False
         except Exception as exception:
             self._report_error(node_id, exception, {**arguments, **hidden})
-            return exception
+            return False
 
         ui = None
         if result.ui:
@@ -379,7 +382,7 @@ class _PromptRun:
         executor.cache.set(node_id, CacheEntry(outputs=result.outputs, ui=ui))
         self.progress.finish(node_id)
         self.executed.append(node_id)
-        return None
+        return True
 
     async def _compute(
         self, node_id: str, class_type: str, behavior: NodeBehavior, arguments: dict
