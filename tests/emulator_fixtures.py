@@ -211,8 +211,17 @@ class WebSocketRecorder:
 
     async def wait_for(self, predicate: Callable[[dict], bool], *, since: int = 0) -> dict:
         """The first message (from index `since`) that satisfies `predicate`, waiting for it if need be."""
-        await self.wait_until(lambda messages: any(map(predicate, messages[since:])))
-        return next(message for message in self.messages[since:] if predicate(message))
+        position = since
+        async with asyncio.timeout(self.timeout), self._changed:
+            while True:
+                # Each message is looked at once, however many arrive while waiting.
+                for message in self.messages[position:]:
+                    if predicate(message):
+                        return message
+                position = len(self.messages)
+                if self.closed:
+                    raise AssertionError(f"socket closed before the awaited message; got {self.types()}")
+                await self._changed.wait()
 
     async def wait_for_event(self, event_type: str, *, since: int = 0, **data) -> dict:
         """The first `event_type` message whose data has the given items, e.g. `node=None, prompt_id=x`."""

@@ -72,6 +72,12 @@ async def validation_error(client: httpx.AsyncClient, prompt: dict) -> dict:
     return reply.json()
 
 
+async def node_error(client: httpx.AsyncClient, prompt: dict, node_id: str) -> dict:
+    """The one validation error reported for `node_id`."""
+    (error,) = (await validation_error(client, prompt))["node_errors"][node_id]["errors"]
+    return error
+
+
 # Options
 
 
@@ -226,32 +232,28 @@ async def test_validation_reports_the_failing_inputs_like_comfyui(emulator, inde
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     }
     async with httpx.AsyncClient(base_url=emulator.url(index)) as client:
-        (error,) = (await validation_error(client, scale))["node_errors"]["2"]["errors"]
+        error = await node_error(client, scale, "2")
         assert error["type"] == "value_not_in_list"
         assert (
             error["details"]
             == "upscale_method: 'cubic' not in ['nearest-exact', 'bilinear', 'area', 'bicubic', 'lanczos']"
         )
 
-        (error,) = (await validation_error(client, with_inputs(basic, "1", width="wide")))["node_errors"][
-            "1"
-        ]["errors"]
+        error = await node_error(client, with_inputs(basic, "1", width="wide"), "1")
         assert (error["type"], error["message"]) == (
             "invalid_input_type",
             "Failed to convert an input value to a INT value",
         )
         assert error["details"] == "width, wide, invalid literal for int() with base 10: 'wide'"
 
-        (error,) = (await validation_error(client, with_inputs(basic, "1", color=2**24)))["node_errors"]["1"][
-            "errors"
-        ]
+        error = await node_error(client, with_inputs(basic, "1", color=2**24), "1")
         assert (error["type"], error["message"]) == (
             "value_bigger_than_max",
             "Value 16777216 bigger than max of 16777215",
         )
 
         text_into_image = {"1": load_workflow("text_ok")["1"], "2": basic["2"], "3": basic["3"]}
-        (error,) = (await validation_error(client, text_into_image))["node_errors"]["2"]["errors"]
+        error = await node_error(client, text_into_image, "2")
         assert error["type"] == "return_type_mismatch"
         assert error["details"] == "image, received_type(STRING) mismatch input_type(IMAGE)"
 
@@ -259,7 +261,7 @@ async def test_validation_reports_the_failing_inputs_like_comfyui(emulator, inde
             "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
         }
-        (error,) = (await validation_error(client, missing_file))["node_errors"]["1"]["errors"]
+        error = await node_error(client, missing_file, "1")
         assert (error["type"], error["details"]) == (
             "custom_validation_failed",
             "image - Invalid image file: nope.png",
@@ -719,4 +721,4 @@ async def test_ten_ports_run_300_jobs_with_hundreds_of_sockets(new_emulator):
     stats = await asyncio.to_thread(emulator.stats)
     assert sum(stats["executions"].values()) == 300
     assert stats["max_running_seen"] <= 10
-    assert elapsed < 30
+    assert elapsed < 60  # about 5 s on an idle 2-core machine; this only catches a collapse
