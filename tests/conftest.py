@@ -12,6 +12,7 @@ from comfyproxy import gateway
 from comfyproxy.launchers import LaunchError, launcher_for
 from comfyproxy.models import TERMINAL_STATUSES, ComfyInstance, QueueSettings, Task, TaskStatus
 from comfyproxy.services import instances
+from tests.nginx_fixtures import nginx_gateway, nginx_stack  # noqa: F401 (nginx + Django + emulator)
 from tests.processes import free_port_block
 
 _usernames = itertools.count(1)
