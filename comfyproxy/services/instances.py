@@ -203,7 +203,7 @@ def _something_listens(host: str, port: int) -> bool:
 
 
 def _wait_until_answering(instance: ComfyInstance, launcher: Launcher) -> str:
-    """Wait for /system_stats; return "" once it answers, else why it never did.
+    """Wait for /system_stats; return "" once it answers, else why it never did (for students).
 
     An HTTP port offers nothing to await, so this polls, backing off to half a second,
     and gives up early if the launched process has already exited.
@@ -217,11 +217,11 @@ def _wait_until_answering(instance: ComfyInstance, launcher: Launcher) -> str:
                 return ""
             if time.monotonic() >= next_liveness_check:
                 try:
-                    alive = launcher.is_alive(instance)
+                    if not launcher.is_alive(instance):
+                        return _("ComfyUI exited while starting.")
                 except LaunchError as error:
-                    return str(error)
-                if not alive:
-                    return _("ComfyUI exited while starting.")
+                    # Asking failed, which says nothing about ComfyUI; its answer decides.
+                    logger.warning("could not check the starting %s: %s", instance, error)
                 next_liveness_check = time.monotonic() + LIVENESS_CHECK_SECONDS
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -357,7 +357,11 @@ class InstanceCheck:
 
 def check_instances() -> InstanceCheck:
     """One health round: notice stopped or crashed instances, finish abandoned starts and
-    stops, and stop idle instances. Called periodically by `comfy_instance_monitor`."""
+    stops, and stop idle instances. Called periodically by `comfy_instance_monitor`.
+
+    Synchronous (it probes with its own event loop): async code calls it through
+    sync_to_async.
+    """
     report = InstanceCheck()
     report.abandoned = _finish_abandoned_transitions()
     running = list(ComfyInstance.objects.running().select_related("user"))
