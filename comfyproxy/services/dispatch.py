@@ -55,9 +55,9 @@ def new_holder_name() -> str:
 
 def acquire_lease(holder: str, duration: timedelta) -> Lease | None:
     """Take the lease if it is free or expired; each taking starts a new epoch."""
-    now = timezone.now()
     with transaction.atomic():
         DispatcherLease.objects.get_or_create(pk=1)
+        now = timezone.now()
         taken = DispatcherLease.objects.filter(
             Q(expires_at__isnull=True) | Q(expires_at__lte=now), pk=1
         ).update(
@@ -146,9 +146,10 @@ def claim_next_task(lease: Lease) -> Assignment | None:
     The cap and pause are read fresh, so a teacher's change applies to the next claim;
     the running count is the processing rows themselves, never a counter.
     """
-    now = timezone.now()
     with transaction.atomic():
         _fence(lease)
+        # Read the clock once the write lock is ours, so no timestamp precedes a row it follows.
+        now = timezone.now()
         _fail_orphaned_tasks(now)
         queue_settings = QueueSettings.load()
         if queue_settings.paused:
@@ -325,9 +326,9 @@ def outcome_of(entry: HistoryEntry, *, cancel_requested: bool, timed_out_after: 
 
 def finish_task(lease: Lease, task_id, outcome: Outcome) -> Task | None:
     """Record the end of a processing task; None if it was not processing any more."""
-    now = timezone.now()
     with transaction.atomic():
         _fence(lease)
+        now = timezone.now()
         task = (
             Task.objects.select_for_update(of=("self",))
             .select_related("owner")

@@ -1,0 +1,677 @@
+"""The dispatcher: hands GPU slots to queued tasks, follows each run, records how it ended.
+
+One process at a time holds the lease (`services.dispatch`) and makes every dispatch
+decision. It sleeps until something happens: a queue change published by the web side
+(Redis pub/sub), a run ending (a frame on the instance's WebSocket, then /history), or a
+timer of its own (run timeout, lease renewal, a slow fallback poll for lost frames).
+Each claimed task is followed by its own asyncio task (`TaskRun`), so a ComfyUI that
+hangs delays only its own student. State changes go through `services.dispatch`; ORM
+calls run on a thread of their own (`Database`).
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connections
+from django.utils import timezone
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from comfyproxy.comfy.client import (
+    Accepted,
+    ComfyClient,
+    ComfyError,
+    ComfyRejected,
+    PromptLocation,
+    PromptRequest,
+    PromptState,
+)
+from comfyproxy.comfy.watcher import InstanceWatchers
+from comfyproxy.services import broadcast, dispatch
+from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    lease_seconds: float = 10.0
+    # Completion is event-driven; this slow poll only covers a lost WebSocket frame.
+    completion_poll_seconds: float = 5.0
+    # How often the database is checked for work while Redis (the wake-up signal) is down.
+    outage_poll_seconds: float = 0.5
+    # How long ComfyUI may stay unreachable before the task running there fails.
+    unreachable_grace_seconds: float = 15.0
+    # How long an interrupted run may take to stop before it is recorded anyway.
+    interrupt_grace_seconds: float = 10.0
+    # How long a SIGTERM waits for submissions already in flight.
+    shutdown_grace_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls) -> "DispatcherConfig":
+        return cls(
+            lease_seconds=settings.COMFY_DISPATCHER_LEASE_SECONDS,
+            completion_poll_seconds=settings.COMFY_COMPLETION_POLL_SECONDS,
+        )
+
+
+def log_event(event: str, task=None, *, level=logging.INFO, **fields) -> None:
+    """One line of key=value pairs per state change, so logs can be grepped and parsed."""
+    parts = [f"event={event}"]
+    if task is not None:
+        parts += [
+            f"task={task.id}",
+            f"student={task.owner.get_username()}",
+            f"instance={task.host}:{task.port}",
+        ]
+    parts += [f"{key}={value}" for key, value in fields.items()]
+    logger.log(level, " ".join(parts))
+
+
+def _took(start, end) -> str:
+    return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
+
+
+class Database:
+    """Runs ORM calls on one thread of the dispatcher's own.
+
+    The broadcast builds its snapshot on asgiref's shared thread; keeping the dispatcher's
+    writes off it means a snapshot never delays a hand-off. Connections are checked
+    before and after every call, so a database restart only costs one failed call.
+    """
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatcher-db")
+
+    @staticmethod
+    def _with_fresh_connection(function, *args, **kwargs):
+        close_old_connections()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    async def call(self, function, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(self._with_fresh_connection, function, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self._executor.submit(connections.close_all).result()
+        self._executor.shutdown(wait=True)
+
+
+class SnapshotPublisher:
+    """Sends the live queue state after changes, coalesced: at most one send in flight and one
+    more afterwards if anything changed meanwhile, so a burst of 300 submissions costs a few
+    sends, not 300. It runs beside the dispatcher and never delays a hand-off."""
+
+    def __init__(self):
+        self._pending = False
+        self._task: asyncio.Task | None = None
+
+    def request(self) -> None:
+        self._pending = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send_while_pending(), name="queue snapshot")
+
+    async def _send_while_pending(self) -> None:
+        while self._pending:
+            self._pending = False
+            try:
+                await broadcast.broadcast_queue_snapshot()
+            except Exception as error:  # live state is best effort; the database is the truth
+                logger.warning("event=broadcast_failed error=%r", error)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._pending = False
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Detached(Exception):
+    """Stop following a run without recording anything: the next lease holder reconciles it."""
+
+
+class TaskRun:
+    """Follows one claimed task: submit it (or find it after a restart), watch it, record its end."""
+
+    # While ComfyUI does not answer, it is asked again this often (until the grace runs out).
+    RETRY_SECONDS = 0.5
+
+    def __init__(self, dispatcher: "Dispatcher", assignment: dispatch.Assignment, *, resumed: bool):
+        self.dispatcher = dispatcher
+        self.config = dispatcher.config
+        self.comfy = dispatcher.comfy
+        self.task = assignment.task
+        self.assignment = assignment
+        self.resumed = resumed
+        self.base_url = f"http://{self.task.host}:{self.task.port}"
+        # ComfyUI is known to have the prompt (it accepted it, or reconciliation found it).
+        self.confirmed = self.task.submitted_at is not None
+        self.cancel_requested = self.task.cancel_requested_at is not None
+        self._attention = asyncio.Event()
+        self._detached = False
+        self._stop_sent: str | None = None  # "cancel" or "timeout" once we asked ComfyUI to stop
+        self._stop_deadline: float | None = None
+        self._submit_error: ComfyError | None = None
+        began = self.task.submitted_at or self.task.started_at or timezone.now()
+        elapsed = (timezone.now() - began).total_seconds()
+        self.deadline = time.monotonic() + max(assignment.run_timeout_seconds - elapsed, 0.0)
+        self.asyncio_task: asyncio.Task | None = None
+
+    # --- Signals from the dispatcher (they only set flags; the run acts on its next wake) ---
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self._attention.set()
+
+    def detach(self) -> None:
+        self._detached = True
+        self._attention.set()
+
+    # --- The run -------------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        try:
+            outcome = await self._outcome()
+            await self._record(outcome)
+        except (Detached, dispatch.LeaseLost) as reason:
+            log_event("detached", self.task, level=logging.DEBUG, why=type(reason).__name__)
+
+    async def _outcome(self) -> dispatch.Outcome:
+        if self.resumed:
+            location = await self._locate_patiently()
+            if isinstance(location, dispatch.Outcome):
+                return location
+            if location.state is PromptState.FINISHED:
+                await self._confirm(None)
+                return self._outcome_of(location)
+            if location.known:
+                await self._confirm(None)
+                log_event("reattached", self.task, state=location.state.value)
+                return await self._watch()
+            if self.confirmed:
+                return dispatch.lost()
+            # Claimed but it never reached ComfyUI (the last dispatcher died in between).
+            if self.cancel_requested:
+                return dispatch.cancelled()
+        failed = await self._submit()
+        if failed is not None:
+            return failed
+        return await self._watch()
+
+    def _lease(self) -> dispatch.Lease:
+        return self.dispatcher.current_lease()
+
+    def _request(self) -> PromptRequest:
+        return PromptRequest(
+            prompt_id=str(self.task.id),
+            prompt=self.task.prompt,
+            client_id=self.task.client_id,
+            extra_data=self.task.extra_data,
+            partial_execution_targets=self.task.partial_execution_targets,
+        )
+
+    async def _submit(self) -> dispatch.Outcome | None:
+        """Hand the prompt to ComfyUI exactly once; an Outcome if the task ends right here."""
+        try:
+            result = await self.comfy.submit_exactly_once(
+                self.base_url, self._request(), before_send=self._lease
+            )
+        except ComfyRejected as error:
+            return dispatch.rejected(error)
+        except ComfyError as error:
+            if not error.maybe_delivered:
+                return dispatch.comfy_failed(error)
+            # It may be in ComfyUI after all: never send it again, watch for it instead.
+            log_event("submit_uncertain", self.task, level=logging.WARNING, error=repr(str(error)))
+            self._submit_error = error
+            return None
+        if isinstance(result, PromptLocation):
+            log_event("submit_found", self.task, state=result.state.value)
+            await self._confirm(None)
+            return self._outcome_of(result) if result.state is PromptState.FINISHED else None
+        await self._confirm(result)
+        return None
+
+    async def _confirm(self, accepted: Accepted | None) -> None:
+        self.confirmed = True
+        if self.task.submitted_at is not None:
+            return
+        number = accepted.number if accepted is not None else None
+        try:
+            await self.dispatcher.db.call(dispatch.mark_submitted, self._lease(), self.task.id, number=number)
+        except DatabaseError as error:
+            # Only bookkeeping: a later reconciliation finds the prompt in ComfyUI anyway.
+            log_event("mark_submitted_failed", self.task, level=logging.WARNING, error=repr(str(error)))
+            return
+        self.task.submitted_at = timezone.now()
+        log_event(
+            "submitted",
+            self.task,
+            waited=_took(self.task.queued_at, self.task.submitted_at),
+            number=number,
+        )
+
+    async def _locate_patiently(self) -> PromptLocation | dispatch.Outcome:
+        """Where the prompt is, asking again while ComfyUI does not answer (up to the grace)."""
+        silent_since = time.monotonic()
+        while True:
+            try:
+                return await self.comfy.locate(self.base_url, str(self.task.id))
+            except ComfyError as error:
+                if time.monotonic() - silent_since >= self.config.unreachable_grace_seconds:
+                    return dispatch.comfy_failed(error)
+            await self._wait(until=time.monotonic() + self.RETRY_SECONDS)
+
+    async def _watch(self) -> dispatch.Outcome:
+        """Wait for the prompt's history entry: on every frame from the instance, and on a slow poll."""
+        activity_source = self.dispatcher.watchers.watch(self.base_url, self._attention)
+        async with activity_source:
+            next_thorough = time.monotonic() + self.config.completion_poll_seconds
+            silent_since: float | None = None
+            while True:
+                now = time.monotonic()
+                # The thorough check also reads /queue, which tells a lost prompt from a running one.
+                thorough = now >= next_thorough or self._stop_sent is not None
+                try:
+                    if thorough:
+                        next_thorough = now + self.config.completion_poll_seconds
+                        location = await self.comfy.locate(self.base_url, str(self.task.id))
+                        if location.state is PromptState.UNKNOWN:
+                            return self._vanished()
+                        entry = location.history
+                    else:
+                        entry = await self.comfy.history(self.base_url, str(self.task.id))
+                except ComfyError as error:
+                    silent_since = silent_since or now
+                    if now - silent_since >= self.config.unreachable_grace_seconds:
+                        return self._after_stop(confirmed=False) or dispatch.comfy_failed(error)
+                    next_thorough = min(next_thorough, now + self.RETRY_SECONDS)
+                else:
+                    silent_since = None
+                    if entry is not None:
+                        return self._outcome_of(PromptLocation(PromptState.FINISHED, entry))
+                await self._stop_if_due()
+                if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                    return self._after_stop(confirmed=False)
+                wake_at = [next_thorough, self._stop_deadline or self.deadline]
+                await self._wait(until=min(wake_at))
+
+    async def _stop_if_due(self) -> None:
+        """Interrupt the run in ComfyUI once it is cancelled or over time (once)."""
+        if self._stop_sent is not None:
+            return
+        if self.cancel_requested:
+            why = "cancel"
+        elif time.monotonic() >= self.deadline:
+            why = "timeout"
+        else:
+            return
+        self._lease()  # a stale dispatcher must not touch ComfyUI
+        self._stop_sent = why
+        self._stop_deadline = time.monotonic() + self.config.interrupt_grace_seconds
+        prompt_id = str(self.task.id)
+        try:
+            # Drop it if it still waits inside ComfyUI, interrupt it if it runs.
+            await self.comfy.delete_pending(self.base_url, prompt_id)
+            await self.comfy.interrupt(self.base_url, prompt_id)
+        except ComfyError as error:
+            log_event("interrupt_failed", self.task, level=logging.WARNING, error=repr(str(error)))
+        log_event("interrupt_sent", self.task, why=why)
+
+    def _outcome_of(self, location: PromptLocation) -> dispatch.Outcome:
+        return dispatch.outcome_of(
+            location.history,
+            cancel_requested=self.cancel_requested,
+            timed_out_after=self.assignment.run_timeout_seconds if self._stop_sent == "timeout" else None,
+        )
+
+    def _after_stop(self, *, confirmed: bool = True) -> dispatch.Outcome | None:
+        """The outcome of a run we asked to stop, when ComfyUI no longer shows it (or never confirms)."""
+        if self.cancel_requested and self._stop_sent:
+            return dispatch.cancelled()
+        if self._stop_sent == "timeout":
+            return dispatch.timed_out(self.assignment.run_timeout_seconds, confirmed=confirmed)
+        return None
+
+    def _vanished(self) -> dispatch.Outcome:
+        """ComfyUI shows the prompt neither queued, running nor finished."""
+        stopped = self._after_stop()
+        if stopped is not None:
+            return stopped  # we deleted it while it was still pending
+        if not self.confirmed and self._submit_error is not None:
+            return dispatch.comfy_failed(self._submit_error)
+        return dispatch.lost()
+
+    async def _wait(self, *, until: float) -> None:
+        timeout = max(until - time.monotonic(), 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attention.wait(), timeout)
+        self._attention.clear()
+        if self._detached:
+            raise Detached()
+
+    async def _record(self, outcome: dispatch.Outcome) -> None:
+        while True:
+            try:
+                task = await self.dispatcher.db.call(
+                    dispatch.finish_task, self._lease(), self.task.id, outcome
+                )
+                break
+            except DatabaseError as error:
+                log_event("finish_failed", self.task, level=logging.WARNING, error=repr(str(error)))
+                await self._wait(until=time.monotonic() + 1.0)
+        self.dispatcher.slot_freed()
+        if task is None:
+            log_event("already_finished", self.task)
+            return
+        log_event(
+            task.status,
+            task,
+            reason=task.reason or "-",
+            waited=_took(task.queued_at, task.submitted_at or task.started_at),
+            ran=_took(task.submitted_at or task.started_at, task.finished_at),
+        )
+        if self.assignment.free_memory_after and self.confirmed:
+            self.dispatcher.free_memory_later(self.base_url)
+
+
+class Dispatcher:
+    """The loop. `run()` until `request_stop()`; tests may call the step methods directly."""
+
+    def __init__(
+        self,
+        *,
+        config: DispatcherConfig | None = None,
+        comfy: ComfyClient | None = None,
+        redis_url: str | None = None,
+        holder: str | None = None,
+    ):
+        self.config = config or DispatcherConfig.from_settings()
+        self.comfy = comfy or ComfyClient()
+        self.redis_url = redis_url or settings.REDIS_URL
+        self.holder = holder or dispatch.new_holder_name()
+        # The dispatcher's own client id on instances' sockets, never a student's.
+        self.watchers = InstanceWatchers(client_id=f"comfyproxy-dispatcher-{uuid.uuid4().hex}")
+        self.db = Database()
+        self.lease: dispatch.Lease | None = None
+        self._lease_valid_until = 0.0
+        self.runs: dict[uuid.UUID, TaskRun] = {}
+        self.redis_available = False
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_requests = 0
+        self._publisher = SnapshotPublisher()
+        self._side_tasks: set[asyncio.Task] = set()
+
+    # --- Lease -----------------------------------------------------------------------------
+
+    @property
+    def _lease_duration(self) -> timedelta:
+        return timedelta(seconds=self.config.lease_seconds)
+
+    def _trust_lease_until(self, asked_at: float) -> None:
+        # Act on ComfyUI only while well inside the lease, by our own clock: a dispatcher that
+        # was paused (SIGSTOP) past its lease must not submit before learning it lost it.
+        self._lease_valid_until = asked_at + self.config.lease_seconds * 2 / 3
+
+    def holds_lease(self) -> bool:
+        return self.lease is not None and time.monotonic() < self._lease_valid_until
+
+    def current_lease(self) -> dispatch.Lease:
+        if not self.holds_lease():
+            raise dispatch.LeaseLost(f"{self.holder} does not hold a current lease")
+        return self.lease
+
+    async def acquire_lease(self) -> bool:
+        """Step: take the lease if it is free, then reconcile what the last holder left running."""
+        asked_at = time.monotonic()
+        lease = await self.db.call(dispatch.acquire_lease, self.holder, self._lease_duration)
+        if lease is None:
+            return False
+        self.lease = lease
+        self._trust_lease_until(asked_at)
+        log_event("lease_acquired", holder=self.holder, epoch=lease.epoch)
+        try:
+            await self.reconcile()
+        except DatabaseError:
+            self._give_up_lease("reconcile failed")
+            raise
+        self.wake()
+        return True
+
+    async def renew_lease(self) -> bool:
+        """Step: extend the lease (the heartbeat); on finding it taken, stop acting at once."""
+        asked_at = time.monotonic()
+        if await self.db.call(dispatch.renew_lease, self.lease, self._lease_duration):
+            self._trust_lease_until(asked_at)
+            return True
+        self._give_up_lease("taken by another dispatcher")
+        return False
+
+    def _give_up_lease(self, why: str) -> None:
+        if self.lease is None:
+            return
+        log_event("lease_lost", level=logging.WARNING, holder=self.holder, epoch=self.lease.epoch, why=why)
+        self.lease = None
+        for run in list(self.runs.values()):
+            run.asyncio_task.cancel()
+
+    async def _keep_lease(self) -> None:
+        while True:
+            try:
+                if self.lease is None:
+                    acquired = await self.acquire_lease()
+                    # A standby dispatcher checks a little more often than the holder renews.
+                    await asyncio.sleep(self.config.lease_seconds / (3 if acquired else 4))
+                else:
+                    await self.renew_lease()
+                    await asyncio.sleep(self.config.lease_seconds / 3)
+            except DatabaseError as error:
+                log_event("database_unavailable", level=logging.WARNING, error=repr(str(error)))
+                await asyncio.sleep(1.0)
+
+    # --- Steps -----------------------------------------------------------------------------
+
+    async def reconcile(self) -> int:
+        """Step: follow every processing task again; each run asks its instance what happened."""
+        assignments = await self.db.call(dispatch.processing_assignments)
+        for assignment in assignments:
+            if assignment.task.id not in self.runs:
+                self._start_run(assignment, resumed=True)
+        if assignments:
+            log_event("reconciling", count=len(assignments))
+        return len(assignments)
+
+    async def dispatch_step(self) -> int:
+        """Step: start as many queued tasks as free slots allow; returns how many started."""
+        started = 0
+        while not self._stopping.is_set():
+            assignment = await self.db.call(dispatch.claim_next_task, self.current_lease())
+            if assignment is None:
+                break
+            log_event(
+                "claimed",
+                assignment.task,
+                waited=_took(assignment.task.queued_at, assignment.task.started_at),
+            )
+            self._start_run(assignment, resumed=False)
+            started += 1
+        if started:
+            self._publisher.request()
+        await self.apply_cancel_requests()
+        return started
+
+    async def apply_cancel_requests(self) -> None:
+        """Step: tell runs whose task a student or teacher cancelled (they interrupt ComfyUI)."""
+        watched = [task_id for task_id, run in self.runs.items() if not run.cancel_requested]
+        if not watched:
+            return
+        for task_id in await self.db.call(dispatch.cancel_requested_among, watched):
+            run = self.runs.get(task_id)
+            if run is not None:
+                run.request_cancel()
+
+    def _start_run(self, assignment: dispatch.Assignment, *, resumed: bool) -> TaskRun:
+        run = TaskRun(self, assignment, resumed=resumed)
+        self.runs[assignment.task.id] = run
+        run.asyncio_task = asyncio.create_task(run.follow(), name=f"run {assignment.task.id}")
+        run.asyncio_task.add_done_callback(lambda _done: self._run_ended(run))
+        return run
+
+    def _run_ended(self, run: TaskRun) -> None:
+        if self.runs.get(run.task.id) is run:
+            del self.runs[run.task.id]
+
+    def slot_freed(self) -> None:
+        """A run ended: hand its slot on now, then tell everyone."""
+        self.wake()
+        self._publisher.request()
+
+    def free_memory_later(self, base_url: str) -> None:
+        async def free():
+            try:
+                await self.comfy.free_memory(base_url)
+            except ComfyError as error:
+                log_event(
+                    "free_memory_failed", level=logging.WARNING, instance=base_url, error=repr(str(error))
+                )
+
+        task = asyncio.create_task(free())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # --- Waking ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _wait_for_work(self) -> None:
+        timeout = (
+            self.config.completion_poll_seconds if self.redis_available else self.config.outage_poll_seconds
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    def _queue_changed(self) -> None:
+        self.wake()
+        self._publisher.request()
+
+    async def _listen_for_queue_changes(self) -> None:
+        """Wake on every change the web side publishes; while Redis is down, poll the database."""
+        delay = 0.1
+        while True:
+            # No silent reconnects: after an outage we must know, to catch up on what we missed.
+            connection = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            )
+            try:
+                async with connection.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(QUEUE_CHANGED_CHANNEL)
+                    if not self.redis_available:
+                        log_event("redis_subscribed")
+                    self.redis_available = True
+                    delay = 0.1
+                    self._queue_changed()  # whatever changed while we were not listening
+                    async for _message in pubsub.listen():
+                        self._queue_changed()
+            except (RedisError, OSError) as error:
+                if self.redis_available:
+                    log_event(
+                        "redis_unavailable",
+                        level=logging.WARNING,
+                        poll_every=self.config.outage_poll_seconds,
+                        error=repr(str(error)),
+                    )
+                self.redis_available = False
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await connection.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # --- Running and stopping -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: finish the steps in flight, leave running tasks attached, exit. Second: at once."""
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            log_event("stopping", running=len(self.runs))
+            self._stopping.set()
+            self.wake()
+            for run in self.runs.values():
+                run.detach()
+        else:
+            log_event("stopping_now", level=logging.WARNING)
+            for run in list(self.runs.values()):
+                run.asyncio_task.cancel()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (as the management command does)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        await self.run()
+
+    async def run(self) -> None:
+        log_event("started", holder=self.holder)
+        background = [
+            asyncio.create_task(self._keep_lease(), name="lease"),
+            asyncio.create_task(self._listen_for_queue_changes(), name="queue changes"),
+        ]
+        try:
+            while not self._stopping.is_set():
+                await self._wait_for_work()
+                if self._stopping.is_set() or not self.holds_lease():
+                    continue
+                try:
+                    await self.dispatch_step()
+                except dispatch.LeaseLost:
+                    self._give_up_lease("fenced out")
+                except DatabaseError as error:
+                    log_event("database_unavailable", level=logging.WARNING, error=repr(str(error)))
+                    await asyncio.sleep(1.0)
+            await self._wait_for_runs(within=self.config.shutdown_grace_seconds)
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for run in list(self.runs.values()):
+                run.asyncio_task.cancel()
+            await self._wait_for_runs(within=None)
+            await self._publisher.aclose()
+            await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            await self._release_lease()
+            await self.watchers.aclose()
+            await self.comfy.aclose()
+            self.db.close()
+            log_event("stopped", holder=self.holder)
+
+    async def _wait_for_runs(self, within: float | None) -> None:
+        pending = [run.asyncio_task for run in self.runs.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=within)
+
+    async def _release_lease(self) -> None:
+        if self.lease is None:
+            return
+        try:
+            await asyncio.wait_for(self.db.call(dispatch.release_lease, self.lease), timeout=5)
+        except (DatabaseError, TimeoutError) as error:
+            log_event("lease_release_failed", level=logging.WARNING, error=repr(str(error)))
+        self.lease = None
