@@ -1,13 +1,13 @@
 """The whole web stack on free loopback ports: nginx as `comfy_nginx_config` writes it, Django
 under uvicorn, the ComfyUI emulator, and an upstream that echoes what reached it.
 
-    from tests.nginx_fixtures import nginx_gateway, nginx_stack  # noqa: F401  (in a test module)
-
-    def test_something(nginx_gateway, make_student, register_instance):
+    def test_something(nginx_gateway, make_student, register_instance):  # fixtures from conftest
         alice = make_student("alice")
-        register_instance(alice, nginx_gateway.emulator_ports[0])
-        comfy = nginx_gateway.comfy_client(alice, nginx_gateway.emulator_ports[0])
-        assert comfy.get("/comfyui/alice/%d/" % nginx_gateway.emulator_ports[0]).status_code == 200
+        port = nginx_gateway.emulator_ports[0]
+        register_instance(alice, port)
+        comfy = nginx_gateway.comfy_client(alice, port)  # came in through the practice page's link
+        assert comfy.get(f"/comfyui/alice/{port}/").status_code == 200
+        site = nginx_gateway.site_client(alice)          # logged in to the teaching site
 
 `nginx_stack` (session) starts everything once; `nginx_gateway` (per test) also points this
 process's settings at the stack (origins, port range, GPU host) and gives the test a database

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
@@ -71,7 +72,7 @@ def refusal_page(request, error: errors.QueueError):
         )
         context = {
             "error": error,
-            "practice_url": f"{settings.SITE_ORIGIN.rstrip('/')}/practice/",
+            "practice_url": settings.SITE_ORIGIN.rstrip("/") + reverse("practice"),
         }
         response = render(request, template, context, status=error.status_code)
     response["Cache-Control"] = "no-store"
