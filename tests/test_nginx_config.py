@@ -50,7 +50,8 @@ def test_listens_where_the_origins_say_by_default(tmp_path, settings):
 
 
 def test_django_on_a_unix_socket(tmp_path):
-    assert "server unix:/run/teaching/uvicorn.sock;" in render(tmp_path, django="unix:/run/teaching/uvicorn.sock")
+    text = render(tmp_path, django="unix:/run/teaching/uvicorn.sock")
+    assert "server unix:/run/teaching/uvicorn.sock;" in text
 
 
 def test_the_comfyui_origin_must_differ_from_the_teaching_site(tmp_path, settings):
