@@ -7,17 +7,16 @@ cd "$(dirname "$0")/.."
 
 want_dev=${1:-}
 packages=(redis-server nginx gettext)
-commands=(redis-server nginx msgfmt)
 if [ "$want_dev" = "--dev" ]; then
-  packages+=(chromium openssh-server postgresql)
-  commands+=(chromium sshd psql)
+  # Tests also use a real sshd, PostgreSQL and Chromium, and a CJK font so that
+  # browser screenshots show the Chinese interface.
+  packages+=(chromium openssh-server postgresql fonts-wqy-zenhei)
 fi
 
 missing=()
-for i in "${!packages[@]}"; do
-  cmd=${commands[$i]}
-  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/usr/bin/$cmd" ]; then
-    missing+=("${packages[$i]}")
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$package")
   fi
 done
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
