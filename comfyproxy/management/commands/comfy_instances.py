@@ -39,6 +39,7 @@ class Command(BaseCommand):
         stop = sub.add_parser("stop", help="Stop a student's ComfyUI; its queued tasks fail.")
         stop.add_argument("username")
         sub.add_parser("stop-idle", help="Stop instances idle longer than the teacher's idle limit.")
+        sub.add_parser("stop-all", help="Stop every live instance (end of a lesson, shutting down).")
         register = sub.add_parser(
             "register", help="Record a running instance started outside the teaching system."
         )
@@ -54,6 +55,7 @@ class Command(BaseCommand):
             "start": self.handle_start,
             "stop": self.handle_stop,
             "stop-idle": self.handle_stop_idle,
+            "stop-all": self.handle_stop_all,
             "register": self.handle_register,
             "remove": self.handle_remove,
         }
@@ -91,6 +93,12 @@ class Command(BaseCommand):
         stopped = instances.stop_idle_instances()
         names = ", ".join(instance.user.get_username() for instance in stopped)
         self.stdout.write(f"stopped {len(stopped)} idle instance(s){': ' + names if names else ''}")
+
+    def handle_stop_all(self, **options):
+        live = ComfyInstance.objects.live().select_related("user")
+        for instance in live:
+            instances.stop_instance(instance.user, message=_("Stopped by an operator."))
+            self.stdout.write(f"{instance.user.get_username()}: stopped")
 
     def handle_register(self, *, username, port, host, **options):
         instance = instances.register_instance(user=self._user(username), port=port, host=host)
