@@ -9,11 +9,11 @@ import pytest
 from django.utils import timezone
 
 from comfyproxy.comfy.client import ComfyRejected, ComfyServerError, ComfyUnreachable, HistoryEntry
-from comfyproxy.models import DispatcherLease, InstanceState, Task, TaskReason, TaskStatus
+from comfyproxy.models import ComfyInstance, DispatcherLease, InstanceState, Task, TaskReason, TaskStatus
 from comfyproxy.services import dispatch, instances
 from comfyproxy.services import queue as queue_service
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("fast_password_hashing")]
 
 LEASE = timedelta(seconds=10)
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}}}
@@ -86,6 +86,8 @@ def test_a_stale_holder_can_neither_claim_nor_finish(lease, students):
         dispatch.mark_submitted(lease, claimed.id, number=1)
     with pytest.raises(dispatch.LeaseLost):
         dispatch.finish_task(lease, claimed.id, dispatch.lost())
+    with pytest.raises(dispatch.LeaseLost):
+        dispatch.fail_orphaned_tasks(lease)
     task.refresh_from_db()
     other.refresh_from_db()
     assert (task.status, task.submitted_at) == (TaskStatus.PROCESSING, None)
@@ -167,15 +169,18 @@ def test_tasks_of_an_instance_that_is_gone_fail_instead_of_waiting_forever(lease
     orphan = submit(ann)
     waiting = submit(ben)
     instances.register_instance(user=ann, port=8250)  # ann's ComfyUI now lives elsewhere
-    assert dispatch.claim_next_task(lease).task.id == waiting.id
+    assert dispatch.claim_next_task(lease).task.id == waiting.id  # never the orphan
+    assert dispatch.fail_orphaned_tasks(lease) == 1
     orphan.refresh_from_db()
     assert (orphan.status, orphan.reason) == (TaskStatus.FAILED, TaskReason.INSTANCE_STOPPED)
+    assert orphan.error_message
 
 
 def test_a_starting_instance_keeps_its_tasks_waiting(lease, students):
     task = submit(students[0])
-    students[0].comfy_instance.__class__.objects.filter(user=students[0]).update(state=InstanceState.STARTING)
+    ComfyInstance.objects.filter(user=students[0]).update(state=InstanceState.STARTING)
     assert dispatch.claim_next_task(lease) is None
+    assert dispatch.fail_orphaned_tasks(lease) == 0
     task.refresh_from_db()
     assert task.status == TaskStatus.QUEUED
 

@@ -124,18 +124,20 @@ def _instance_at_task_address(states):
     )
 
 
-def _fail_orphaned_tasks(now) -> int:
+def fail_orphaned_tasks(lease: Lease) -> int:
     """Queued tasks whose instance is gone (or now lives elsewhere) can never run: end them."""
-    return (
-        Task.objects.queued()
-        .filter(~Exists(_instance_at_task_address(INSTANCE_LIVE_STATES)))
-        .update(
-            status=TaskStatus.FAILED,
-            reason=TaskReason.INSTANCE_STOPPED,
-            error_message=_("Your ComfyUI stopped before this task could run."),
-            finished_at=now,
+    with transaction.atomic():
+        _fence(lease)
+        return (
+            Task.objects.queued()
+            .filter(~Exists(_instance_at_task_address(INSTANCE_LIVE_STATES)))
+            .update(
+                status=TaskStatus.FAILED,
+                reason=TaskReason.INSTANCE_STOPPED,
+                error_message=_("Your ComfyUI stopped before this task could run."),
+                finished_at=timezone.now(),
+            )
         )
-    )
 
 
 def claim_next_task(lease: Lease) -> Assignment | None:
@@ -150,7 +152,6 @@ def claim_next_task(lease: Lease) -> Assignment | None:
         _fence(lease)
         # Read the clock once the write lock is ours, so no timestamp precedes a row it follows.
         now = timezone.now()
-        _fail_orphaned_tasks(now)
         queue_settings = QueueSettings.load()
         if queue_settings.paused:
             return None
