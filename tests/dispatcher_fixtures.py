@@ -15,6 +15,7 @@ that leases, polls and graces take a second or two instead of the production def
 """
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 from django.db import connection, connections
 
@@ -94,12 +96,37 @@ class DispatcherThread:
             raise self.error
 
 
-def make_dispatcher(*, redis_url: str | None = None, **config) -> Dispatcher:
+def make_dispatcher(*, redis_url: str | None = None, transport=None, **config) -> Dispatcher:
     return Dispatcher(
         config=replace(FAST_CONFIG, **config),
-        comfy=ComfyClient(timeouts=FAST_TIMEOUTS, retry=FAST_RETRY),
+        comfy=ComfyClient(timeouts=FAST_TIMEOUTS, retry=FAST_RETRY, transport=transport),
         redis_url=redis_url,
     )
+
+
+class RecordingTransport(httpx.AsyncHTTPTransport):
+    """A real HTTP transport that also keeps every request the dispatcher sent ComfyUI."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return await super().handle_async_request(request)
+
+    def bodies(self, method: str, path: str) -> list[dict]:
+        return [
+            json.loads(request.content)
+            for request in self.requests
+            if request.method == method and request.url.path == path
+        ]
+
+
+@pytest.fixture
+def recording_transport() -> RecordingTransport:
+    """Pass to `start_dispatcher(transport=...)` to see every request the dispatcher sends."""
+    return RecordingTransport()
 
 
 @pytest.fixture
@@ -109,8 +136,10 @@ def start_dispatcher(transactional_db):
     All are stopped at teardown."""
     started: list[DispatcherThread] = []
 
-    def start(*, wait_for_lease: bool = True, redis_url: str | None = None, **config) -> DispatcherThread:
-        handle = DispatcherThread(make_dispatcher(redis_url=redis_url, **config))
+    def start(
+        *, wait_for_lease: bool = True, redis_url: str | None = None, transport=None, **config
+    ) -> DispatcherThread:
+        handle = DispatcherThread(make_dispatcher(redis_url=redis_url, transport=transport, **config))
         started.append(handle)
         return handle.start(wait_for_lease=wait_for_lease)
 

@@ -4,21 +4,29 @@ Invariants are checked on what the ComfyUI side saw (`/emulator/stats`: the most
 running at once, how often each prompt id was submitted and executed), not on our counters.
 """
 
+import asyncio
 import itertools
 import json
+import subprocess
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from comfyproxy.emulator.data import load_workflow
 from comfyproxy.models import TERMINAL_STATUSES, Task, TaskReason, TaskStatus
 from comfyproxy.services import control
 from comfyproxy.services import queue as queue_service
+from comfyproxy.services.broadcast import OWNERS_GROUP
+from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL
 from tests.emulator_fixtures import WebSocketRecorder
-from tests.processes import wait_until
+from tests.harness import start_redis
+from tests.processes import stop_process, wait_for_port, wait_until
 
 pytest_plugins = ["tests.dispatcher_fixtures"]
+pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 _colors = itertools.count(1)
 
@@ -391,3 +399,92 @@ def test_a_submitted_task_comfyui_does_not_know_is_lost(classroom, start_dispatc
     task = claimed_by_a_dead_dispatcher(submit(alice), submitted=True)
     start_dispatcher()
     assert wait_for_status(task, TaskStatus.FAILED).reason == TaskReason.LOST
+
+
+# --- What it sends, and to whom ---------------------------------------------------------------------
+
+
+def test_comfyui_gets_the_students_fields_but_never_their_queue_order(
+    classroom, start_dispatcher, recording_transport
+):
+    _emulator, (alice,) = classroom(1)
+    sent = recording_transport
+    start_dispatcher(transport=sent)
+    extra = {"extra_pnginfo": {"workflow": {"nodes": []}}}
+    task = submit(alice, extra_data=extra, partial_execution_targets=["3"], number=-5, front=True)
+    wait_for_status(task, TaskStatus.COMPLETED)
+    [body] = sent.bodies("POST", "/prompt")
+    assert body == {
+        "prompt_id": str(task.pk),
+        "prompt": task.prompt,
+        "client_id": "student0-browser",
+        "extra_data": extra,
+        "partial_execution_targets": ["3"],
+    }
+
+
+def test_comfyui_is_asked_to_free_memory_after_a_task_when_the_teacher_wants_it(
+    classroom, start_dispatcher, teacher, recording_transport
+):
+    _emulator, (alice,) = classroom(1)
+    control.update_settings(actor=teacher, free_memory_after_task=True)
+    sent = recording_transport
+    start_dispatcher(transport=sent)
+    wait_for_status(submit(alice), TaskStatus.COMPLETED)
+    wait_until(lambda: sent.bodies("POST", "/free"), timeout=10, message="POST /free")
+    assert sent.bodies("POST", "/free") == [{"unload_models": True, "free_memory": True}]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_burst_of_submissions_is_broadcast_as_a_few_snapshots(classroom, start_dispatcher, teacher):
+    _emulator, (alice,) = await sync_to_async(classroom)(1)
+    await sync_to_async(control.set_student_limit)(actor=teacher, value=40)
+    await sync_to_async(control.pause_queue)(actor=teacher)
+    await sync_to_async(start_dispatcher)()
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(OWNERS_GROUP, channel)
+    for _ in range(30):
+        await sync_to_async(submit)(alice)
+    snapshots = []
+    async with asyncio.timeout(20):
+        while not snapshots or json.loads(snapshots[-1]["queue"])["queue_length"] < 30:
+            snapshots.append(await layer.receive(channel))
+    await layer.group_discard(OWNERS_GROUP, channel)
+    assert len(snapshots) < 30
+    waiting = json.loads(snapshots[-1]["tasks"][str(alice.pk)])
+    assert [task["position"] for task in waiting] == list(range(1, 31))
+
+
+def test_without_redis_the_dispatcher_polls_the_database_then_listens_again(
+    classroom, start_dispatcher, tmp_path
+):
+    _emulator, (alice,) = classroom(1)
+    redis_process, port = start_redis(tmp_path)
+    # A Redis of its own, so this outage touches nothing else; the slow poll proves the signal path.
+    dispatcher = start_dispatcher(redis_url=f"redis://127.0.0.1:{port}/0", completion_poll_seconds=60)
+    wait_until(lambda: dispatcher.dispatcher.redis_available, timeout=10, message="the subscription")
+    stop_process(redis_process)
+    wait_until(lambda: not dispatcher.dispatcher.redis_available, timeout=10, message="the outage noticed")
+    # Published where this dispatcher cannot hear it: only its database poll can find the task.
+    wait_for_status(submit(alice), TaskStatus.COMPLETED)
+
+    restarted = restart_redis(tmp_path, port)
+    try:
+        wait_until(lambda: dispatcher.dispatcher.redis_available, timeout=15, message="the resubscription")
+        task = submit(alice)  # its own signal goes to the suite's Redis, which this dispatcher ignores
+        redis.Redis(host="127.0.0.1", port=port).publish(QUEUE_CHANGED_CHANNEL, "submitted")
+        # Well inside the 60 s poll: only the signal on the restarted Redis can have woken it.
+        wait_for_status(task, TaskStatus.COMPLETED, timeout=30)
+    finally:
+        stop_process(restarted)
+
+
+def restart_redis(directory, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, timeout=10, process=process)
+    return process

@@ -15,7 +15,7 @@ from tests.processes import wait_until
 
 pytest_plugins = ["tests.dispatcher_fixtures"]
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("fast_password_hashing")]
 
 
 def workflow(color: int) -> dict:
@@ -105,12 +105,14 @@ def test_sigterm_exits_promptly_and_leaves_running_tasks_to_the_next_dispatcher(
     wait_until(lambda: submitted_count() == 1, timeout=20, message="the run in ComfyUI")
     first.process.send_signal(signal.SIGTERM)
     assert first.wait_for_exit(timeout=10) == 0
+    # It left the run attached (recorded nothing about it) and released the lease on the way out.
+    assert f"event=detached task={task.pk}" in first.log()
+    assert "event=completed" not in first.log()
+    assert "event=failed" not in first.log()
     assert "event=stopped" in first.log()
-    task.refresh_from_db()
-    assert task.status == TaskStatus.PROCESSING  # still attached: nobody failed it
-    # The lease was released on the way out, so the standby took over without waiting for expiry.
-    standby.wait_for_log("event=reattached")
     wait_until_all_finished([task])
+    assert f"event=reattached task={task.pk}" in standby.log()
+    assert f"event=completed task={task.pk}" in standby.log()
     assert_invariants(emulator, [task], cap=1)
 
 
