@@ -11,6 +11,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from comfyproxy.services import broadcast
+from tests.dispatcher_fixtures import dispatcher_process  # noqa: F401  (the real dispatcher, as a process)
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
