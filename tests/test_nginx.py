@@ -80,6 +80,8 @@ def teacher_user(nginx_gateway):
         ("comfy", "/admin/", 404, "nginx"),
         ("comfy", "/api/v1/comfy_proxy/queue/status", 404, "nginx"),
         ("comfy", "/static/admin/css/base.css", 404, "nginx"),
+        # The directory the injected queue script is served from, on its page's own origin.
+        ("comfy", "/static/comfyproxy/site.css", 200, "nginx"),
         ("comfy", "/_gate/comfy/", 404, "nginx"),
         ("comfy", "/_comfy_gate", 404, "nginx"),
         ("comfy", "/comfyui/", 404, "nginx"),
