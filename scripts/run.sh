@@ -36,7 +36,11 @@ echo "==> Preparing the database, demo data and static files"
 python manage.py migrate --noinput -v 0
 python manage.py comfy_demo > var/log/demo-accounts.txt
 python manage.py collectstatic --noinput -v 0
-python manage.py comfy_nginx_config --django "127.0.0.1:$django_port" --output var/nginx/nginx.conf
+# Started as root, nginx's workers would run as "nobody" and might not read this checkout.
+nginx_user=()
+[ "$(id -u)" -eq 0 ] && nginx_user=(--user "$(id -un)")
+python manage.py comfy_nginx_config --django "127.0.0.1:$django_port" "${nginx_user[@]}" \
+  --output var/nginx/nginx.conf
 
 echo "==> Starting Django, the dispatcher, the instance monitor and nginx (logs in var/log/)"
 uvicorn teaching.asgi:application --host 127.0.0.1 --port "$django_port" \
