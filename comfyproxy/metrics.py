@@ -1,22 +1,25 @@
 """/metrics (Prometheus text format) and /healthz, for operators; staff or this machine only.
 
-Every figure is computed when Prometheus scrapes, not counted as things happen: the web
-workers, the dispatcher and the instance monitor are separate processes, and the database
-already holds each task's timestamps, so aggregating them is exact, survives restarts and
-needs no shared state (prometheus_client's multiprocess mode would need a shared directory
-cleaned on every restart and still miss what another host's dispatcher did). The one
-figure only the dispatcher sees, how long a hand-off took, it adds to a small histogram in
-Redis with `observe_handoff()`; losing that to a Redis restart reads as a counter reset,
-which Prometheus handles.
+The figures come from the database when Prometheus scrapes, not from counters kept as
+things happen: the web workers, the dispatcher and the instance monitor are separate
+processes, and the tasks' own timestamps already say how long each waited and ran, so the
+figures are exact, survive restarts and need no shared state (prometheus_client's
+multiprocess mode would need a shared directory cleaned at every restart and still miss a
+dispatcher on another host). The one figure only the dispatcher sees, how long a hand-off
+took, it adds to a small histogram in Redis with `observe_handoff()`; losing that to a
+Redis restart reads as a counter reset, which Prometheus handles.
 """
 
 import ipaddress
 import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import wraps
 
 from django.db import DatabaseError, connection
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+from django.db.models import Count, F, FloatField, Func, Min, Q, Sum
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -37,6 +40,7 @@ from comfyproxy.models import (
     DispatcherLease,
     InstanceState,
     Task,
+    TaskReason,
     TaskStatus,
 )
 from comfyproxy.services.notify import redis_connection
@@ -68,25 +72,124 @@ def observe_handoff(seconds: float) -> None:
         logger.debug("could not record a hand-off: %s", exc)
 
 
-def _duration_histogram(
-    name: str, documentation: str, tasks, start: str, end: str, buckets
-) -> HistogramMetricFamily:
-    """A histogram of end - start over `tasks`, counted by the database in one query."""
-    duration = ExpressionWrapper(F(end) - F(start), output_field=DurationField())
-    rows = tasks.filter(**{f"{start}__isnull": False, f"{end}__isnull": False}).annotate(duration=duration)
-    counts = rows.aggregate(
-        total=Count("pk"),
-        seconds=Sum("duration"),
-        **{
-            f"le_{index}": Count("pk", filter=Q(duration__lte=timedelta(seconds=bound)))
-            for index, bound in enumerate(buckets)
-        },
-    )
-    cumulative = [(str(float(bound)), counts[f"le_{index}"]) for index, bound in enumerate(buckets)]
-    total_seconds = counts["seconds"].total_seconds() if counts["seconds"] else 0.0
-    return HistogramMetricFamily(
-        name, documentation, buckets=[*cumulative, ("+Inf", counts["total"])], sum_value=total_seconds
-    )
+class SecondsBetween(Func):
+    """`end - start` in seconds, computed by the database itself.
+
+    Django's own datetime subtraction runs a Python function per row on SQLite; julianday()
+    and EXTRACT are native.
+    """
+
+    output_field = FloatField()
+    # PostgreSQL: EXTRACT(EPOCH FROM (end - start)).
+    template = "EXTRACT(EPOCH FROM (%(expressions)s))"
+    arg_joiner = " - "
+
+    def __init__(self, start: str, end: str):
+        super().__init__(F(end), F(start))
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        # (julianday(end) - julianday(start)) * 86400.0, in SQLite's own C.
+        return self.as_sql(
+            compiler,
+            connection,
+            template="((julianday(%(expressions)s)) * 86400.0)",
+            arg_joiner=") - julianday(",
+            **extra_context,
+        )
+
+
+@dataclass(frozen=True)
+class Histogram:
+    bounds: tuple
+    cumulative: tuple  # tasks at or under each bound
+    count: int = 0
+    total_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, tasks, start: str, end: str, bounds: tuple) -> "Histogram":
+        """end - start over `tasks` that have both, counted by the database in one pass."""
+        rows = tasks.filter(**{f"{start}__isnull": False, f"{end}__isnull": False}).annotate(
+            seconds=SecondsBetween(start, end)
+        )
+        counts = rows.aggregate(
+            count=Count("pk"),
+            total_seconds=Sum("seconds"),
+            **{
+                f"le_{index}": Count("pk", filter=Q(seconds__lte=bound)) for index, bound in enumerate(bounds)
+            },
+        )
+        return cls(
+            bounds,
+            tuple(counts[f"le_{index}"] for index in range(len(bounds))),
+            counts["count"],
+            counts["total_seconds"] or 0.0,
+        )
+
+    def __add__(self, other: "Histogram") -> "Histogram":
+        return Histogram(
+            self.bounds,
+            tuple(mine + theirs for mine, theirs in zip(self.cumulative, other.cumulative, strict=True)),
+            self.count + other.count,
+            self.total_seconds + other.total_seconds,
+        )
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets = [
+            (str(float(bound)), count) for bound, count in zip(self.bounds, self.cumulative, strict=True)
+        ]
+        return HistogramMetricFamily(
+            name, documentation, buckets=[*buckets, ("+Inf", self.count)], sum_value=self.total_seconds
+        )
+
+
+@dataclass(frozen=True)
+class TaskTotals:
+    """What the task counters and histograms add up over some set of tasks."""
+
+    wait: Histogram
+    run: Histogram
+    finished: Counter  # status -> tasks
+    failures: Counter  # reason -> failed tasks
+
+    @classmethod
+    def of(cls, tasks) -> "TaskTotals":
+        # Conditional counts rather than GROUP BY or a status filter: either would make SQLite
+        # walk the status index over every row instead of the queued_at range asked for.
+        failed_with = {reason: Q(status=TaskStatus.FAILED, reason=reason) for reason in TaskReason.values}
+        counts = tasks.aggregate(
+            **{f"ended_{status}": Count("pk", filter=Q(status=status)) for status in TERMINAL_STATUSES},
+            **{
+                f"failed_{index}": Count("pk", filter=condition)
+                for index, condition in enumerate(failed_with.values())
+            },
+        )
+        return cls(
+            wait=Histogram.of(tasks, "queued_at", "started_at", WAIT_BUCKETS),
+            # A task has finished_at exactly when it has ended (task_finished_at_iff_terminal).
+            run=Histogram.of(tasks, "submitted_at", "finished_at", RUN_BUCKETS),
+            finished=Counter({status: counts[f"ended_{status}"] for status in TERMINAL_STATUSES}),
+            failures=Counter(
+                {reason or "none": counts[f"failed_{index}"] for index, reason in enumerate(failed_with)}
+            ),
+        )
+
+    def __add__(self, other: "TaskTotals") -> "TaskTotals":
+        return TaskTotals(
+            self.wait + other.wait,
+            self.run + other.run,
+            self.finished + other.finished,
+            self.failures + other.failures,
+        )
+
+
+NO_TASKS = TaskTotals(
+    Histogram(WAIT_BUCKETS, (0,) * len(WAIT_BUCKETS)),
+    Histogram(RUN_BUCKETS, (0,) * len(RUN_BUCKETS)),
+    Counter(),
+    Counter(),
+)
+# A task created this long ago has committed (and a web host's clock is no further behind).
+SETTLE_LAG = timedelta(minutes=5)
 
 
 def _handoff_histogram() -> HistogramMetricFamily | None:
@@ -111,7 +214,44 @@ def _handoff_histogram() -> HistogramMetricFamily | None:
 
 
 class QueueCollector:
-    """Reads the queue's figures from the database (and Redis) at each scrape."""
+    """Reads the queue's figures from the database (and Redis) at each scrape.
+
+    Aggregating every task at each scrape costs seconds once a term has left 100,000 rows, so
+    the collector keeps the totals of tasks that can no longer change: all those queued before
+    a horizon that stays behind the oldest waiting or running task. Each scrape reads only the
+    rows after the horizon (the `queued_at` index) and adds them. The kept totals are this
+    process's own and rebuilt after a restart; Prometheus sees the same figures from any process.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the kept totals (the next scrape reads every task again)."""
+        with self._lock:
+            self._settled = NO_TASKS
+            self._horizon = None
+
+    def _settle(self):
+        """Fold the tasks that have become final since the last scrape into the kept totals."""
+        with self._lock:
+            oldest_active = Task.objects.active().aggregate(oldest=Min("queued_at"))["oldest"]
+            horizon = timezone.now() - SETTLE_LAG
+            if oldest_active is not None:
+                horizon = min(horizon, oldest_active)
+            if self._horizon is not None and horizon <= self._horizon:
+                return self._settled, self._horizon
+            newly_final = Task.objects.filter(queued_at__lt=horizon)
+            if self._horizon is not None:
+                newly_final = newly_final.filter(queued_at__gte=self._horizon)
+            self._settled += TaskTotals.of(newly_final)
+            self._horizon = horizon
+            return self._settled, self._horizon
+
+    def task_totals(self) -> TaskTotals:
+        settled, horizon = self._settle()
+        return settled + TaskTotals.of(Task.objects.filter(queued_at__gte=horizon))
 
     def collect(self):
         overview = queue_overview()
@@ -124,39 +264,23 @@ class QueueCollector:
         ):
             yield GaugeMetricFamily(name, documentation, value=value)
 
-        tasks = Task.objects.all()
-        yield _duration_histogram(
+        totals = self.task_totals()
+        yield totals.wait.family(
             "comfy_task_wait_seconds",
             "How long tasks waited from submission until the dispatcher claimed them.",
-            tasks,
-            "queued_at",
-            "started_at",
-            WAIT_BUCKETS,
         )
-        yield _duration_histogram(
-            "comfy_task_run_seconds",
-            "How long tasks ran in ComfyUI, whatever their outcome.",
-            tasks.filter(status__in=TERMINAL_STATUSES),
-            "submitted_at",
-            "finished_at",
-            RUN_BUCKETS,
+        yield totals.run.family(
+            "comfy_task_run_seconds", "How long tasks ran in ComfyUI, whatever their outcome."
         )
-
         finished = CounterMetricFamily(
             "comfy_tasks_finished", "Tasks that ended, by outcome.", labels=["status"]
         )
-        failures = CounterMetricFamily("comfy_task_failures", "Failed tasks, by reason.", labels=["reason"])
-        ends = (
-            tasks.filter(status__in=TERMINAL_STATUSES).values_list("status", "reason").annotate(n=Count("pk"))
-        )
-        by_status = dict.fromkeys(TERMINAL_STATUSES, 0)
-        for status, reason, count in ends.order_by():
-            by_status[status] += count
-            if status == TaskStatus.FAILED:
-                failures.add_metric([reason or "unknown"], count)
-        for status, count in by_status.items():
-            finished.add_metric([status], count)
+        for status in TERMINAL_STATUSES:
+            finished.add_metric([status], totals.finished[status])
         yield finished
+        failures = CounterMetricFamily("comfy_task_failures", "Failed tasks, by reason.", labels=["reason"])
+        for reason, count in sorted(totals.failures.items()):
+            failures.add_metric([reason], count)
         yield failures
 
         instances = GaugeMetricFamily(
@@ -183,8 +307,9 @@ class QueueCollector:
             yield handoffs
 
 
+collector = QueueCollector()
 registry = CollectorRegistry(auto_describe=False)
-registry.register(QueueCollector())
+registry.register(collector)
 
 
 # --- Health ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfyproxy import metrics
-from comfyproxy.models import DispatcherLease, TaskReason, TaskStatus
+from comfyproxy.models import DispatcherLease, Task, TaskReason, TaskStatus
 from comfyproxy.services import control
 from comfyproxy.services.notify import redis_connection
 from tests.processes import free_port
@@ -17,9 +17,11 @@ pytestmark = [pytest.mark.usefixtures("fast_password_hashing"), pytest.mark.post
 
 
 @pytest.fixture(autouse=True)
-def no_handoffs_recorded():
-    """The hand-off histogram lives in the test run's shared Redis."""
+def fresh_metrics():
+    """The hand-off histogram lives in the test run's shared Redis; the totals the collector
+    keeps would describe the previous test's database."""
     redis_connection().delete(metrics.HANDOFF_KEY)
+    metrics.collector.forget()
     yield
     redis_connection().delete(metrics.HANDOFF_KEY)
 
@@ -121,6 +123,52 @@ def test_an_empty_queue_still_exports_every_figure(client, db):
     assert samples["comfy_task_wait_seconds_count"] == 0
     assert samples['comfy_dispatch_handoff_seconds_bucket{le="+Inf"}'] == 0
     assert samples["comfy_dispatcher_up"] == 0
+
+
+def finished_long_ago(owner, make_task, *, hours: float, wait: float = 10, run: float = 30):
+    queued = timezone.now() - timedelta(hours=hours)
+    started = queued + timedelta(seconds=wait)
+    return make_task(
+        owner,
+        status=TaskStatus.COMPLETED,
+        queued_at=queued,
+        started_at=started,
+        submitted_at=started,
+        finished_at=started + timedelta(seconds=run),
+    )
+
+
+def test_tasks_that_can_no_longer_change_are_counted_once_across_scrapes(client, student, make_task):
+    for hours in (5, 4, 3):
+        finished_long_ago(student, make_task, hours=hours)
+
+    first = scrape(client)
+    again = scrape(client)
+    assert first["comfy_task_wait_seconds_count"] == again["comfy_task_wait_seconds_count"] == 3
+    assert again['comfy_tasks_finished_total{status="completed"}'] == 3
+
+    finished_long_ago(student, make_task, hours=0)
+    assert scrape(client)["comfy_task_run_seconds_count"] == 4
+
+
+def test_a_task_waiting_from_long_ago_is_counted_when_it_finishes(client, student, make_task):
+    finished_long_ago(student, make_task, hours=3)
+    waiting = make_task(student, queued_at=timezone.now() - timedelta(hours=2))
+    assert scrape(client)["comfy_task_wait_seconds_count"] == 1
+
+    started = waiting.queued_at + timedelta(minutes=50)
+    Task.objects.filter(pk=waiting.pk).update(
+        status=TaskStatus.COMPLETED,
+        started_at=started,
+        submitted_at=started,
+        finished_at=started + timedelta(seconds=5),
+    )
+
+    samples = scrape(client)
+    assert samples["comfy_task_wait_seconds_count"] == 2
+    assert samples['comfy_task_wait_seconds_bucket{le="1800.0"}'] == 1
+    assert samples['comfy_task_wait_seconds_bucket{le="3600.0"}'] == 2
+    assert samples['comfy_tasks_finished_total{status="completed"}'] == 2
 
 
 # --- /healthz ------------------------------------------------------------------------------------
