@@ -227,3 +227,22 @@ def test_layer_decodes_a_message_once_for_all_its_receivers():
     assert first is second
     assert third == first
     assert third is not first
+
+
+def test_a_snapshot_reads_the_tasks_in_one_statement(make_student, submit, django_assert_max_num_queries):
+    students = [make_student() for _ in range(5)]
+    for student in students:
+        start_running(submit(student))
+        submit(student)
+
+    # The queue settings, the recent run times (a cache miss), and the tasks: never one per task.
+    with django_assert_max_num_queries(3):
+        snapshot = broadcast.read_queue_snapshot()
+    with django_assert_max_num_queries(3):
+        own = broadcast.read_queue_snapshot(owner_id=students[-1].pk)
+
+    assert (snapshot.queue["processing_count"], snapshot.queue["queue_length"]) == (5, 5)
+    assert [task["position"] for task in snapshot.board["waiting"]] == [1, 2, 3, 4, 5]
+    assert [task["status"] for task in own.tasks_by_owner[students[-1].pk]] == ["processing", "queued"]
+    assert own.tasks_by_owner[students[-1].pk][1]["position"] == 5
+    assert set(own.tasks_by_owner) == {students[-1].pk}

@@ -21,11 +21,12 @@ from datetime import timedelta
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db.models import Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from comfyproxy.models import Task
-from comfyproxy.services.queue import QueueOverview, describe_task, queue_overview, typical_run_seconds
+from comfyproxy.models import ACTIVE_STATUSES, QueueSettings, Task, TaskStatus
+from comfyproxy.services.queue import QueueOverview, describe_task, typical_run_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,11 @@ RECENTLY_FINISHED = timedelta(minutes=5)
 FINISHED_PER_OWNER = 5
 FINISHED_ON_BOARD = 50
 
-# Only what describe_task reads: a task row also holds the whole workflow (often
+# Only what the snapshot reads: a task row also holds the whole workflow (often
 # hundreds of kB of UI graph in extra_data), which a snapshot must never load.
 DESCRIBED_FIELDS = (
     "id",
+    "queue_order",
     "owner",
     "owner__username",
     "status",
@@ -97,39 +99,55 @@ def _queue_summary(overview: QueueOverview, run_seconds: float) -> dict:
 def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     """The queue as it is now; with `owner_id`, only that person's tasks (and no board).
 
-    `as_of` is taken before the first read, so a consumer can tell which of two snapshots
-    saw the later state and never replace a newer one with an older one.
+    The tasks come from one statement, so the snapshot is one consistent view: a task
+    claimed while it is read is either waiting or running in it, never both, and the
+    counts agree with the lists. `as_of` is taken before reading, so a consumer can tell
+    which of two snapshots saw the later state and never replace a newer one with an older.
     """
     as_of = time.time()
-    overview = queue_overview()
+    queue_settings = QueueSettings.load()
     run_seconds = typical_run_seconds()
-    tasks = Task.objects.only(*DESCRIBED_FIELDS).select_related("owner")
+    recent = Q(finished_at__gte=timezone.now() - RECENTLY_FINISHED)
     if owner_id is not None:
-        tasks = tasks.filter(owner_id=owner_id)
-
-    # A waiting task's position is its rank among all waiting tasks, whoever owns them.
-    queued_ids = list(Task.objects.queued().in_queue_order().values_list("id", flat=True))
-    rank = {task_id: position for position, task_id in enumerate(queued_ids, start=1)}
-    queued = sorted(tasks.queued(), key=lambda task: rank.get(task.id, len(rank) + 1))
-    running = list(tasks.processing().order_by("started_at"))
-    finished = list(
-        tasks.finished().filter(finished_at__gte=timezone.now() - RECENTLY_FINISHED).order_by("-finished_at")
+        # Everyone's waiting and running tasks count for positions; only this person's are shown.
+        recent &= Q(owner_id=owner_id)
+    tasks = list(
+        Task.objects.filter(Q(status__in=ACTIVE_STATUSES) | recent)
+        .only(*DESCRIBED_FIELDS)
+        .select_related("owner")
     )
-
+    queued = sorted(
+        (task for task in tasks if task.status == TaskStatus.QUEUED),
+        key=lambda task: (task.queue_order, task.queued_at, task.id),
+    )
+    running = sorted(
+        (task for task in tasks if task.status == TaskStatus.PROCESSING), key=lambda t: t.started_at
+    )
+    finished = sorted((task for task in tasks if task.is_terminal), key=lambda t: t.finished_at, reverse=True)
+    overview = QueueOverview(
+        max_concurrent=queue_settings.max_concurrent,
+        processing_count=len(running),
+        queue_length=len(queued),
+        paused=queue_settings.paused,
+    )
+    # A waiting task's position is its rank among all waiting tasks, whoever owns them.
+    rank = {task.id: position for position, task in enumerate(queued, start=1)}
+    shown = [task for task in running + queued + finished if owner_id is None or task.owner_id == owner_id]
     states = {
         task.id: describe_task(
             task, overview=overview, position=rank.get(task.id, 0), run_seconds=run_seconds
         )
-        for task in running + queued + finished
+        for task in shown
     }
+
     tasks_by_owner: dict[int, list[dict]] = {}
-    for task in running + queued:
-        tasks_by_owner.setdefault(task.owner_id, []).append(states[task.id])
     finished_shown = Counter()
-    for task in finished:
-        if finished_shown[task.owner_id] < FINISHED_PER_OWNER:
+    for task in shown:
+        if task.is_terminal:
+            if finished_shown[task.owner_id] == FINISHED_PER_OWNER:
+                continue
             finished_shown[task.owner_id] += 1
-            tasks_by_owner.setdefault(task.owner_id, []).append(states[task.id])
+        tasks_by_owner.setdefault(task.owner_id, []).append(states[task.id])
 
     board = None
     if owner_id is None:
