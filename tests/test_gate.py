@@ -284,7 +284,6 @@ def test_refusal_for_comfyuis_frontend_is_in_comfyuis_error_shape(db):
     assert body["node_errors"] == {}
 
 
-@pytest.mark.xfail(reason="Chinese wording arrives with the translation catalog", strict=False)
 def test_stopped_page_speaks_chinese_by_default(db):
     response = Client().get(
         "/_gate/refused/", headers={"X-Comfy-Refusal": "instance_unreachable", "Accept": "text/html"}

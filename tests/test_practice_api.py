@@ -34,7 +34,6 @@ def test_start_answers_in_the_seed_shape_with_the_proxy_url(local_comfy, alice, 
     assert data["message"]
 
 
-@pytest.mark.xfail(reason="Chinese wording arrives with the zh-hans catalog", strict=False)
 def test_start_says_so_in_chinese(local_comfy, alice):  # Chinese-text assertion
     assert alice.post(START).json()["message"] == "实训环境启动成功"
 
@@ -82,7 +81,6 @@ def test_a_start_that_fails_says_the_gpu_server_cannot_be_reached(local_comfy, a
     assert alice.get(STATUS).json()["state"] == "failed"
 
 
-@pytest.mark.xfail(reason="Chinese wording arrives with the zh-hans catalog", strict=False)
 def test_a_failed_start_says_so_in_chinese(local_comfy, alice, settings):  # Chinese-text assertion
     settings.COMFY_LOCAL_COMMAND = "{python} -c 'raise SystemExit(1)'"
     assert alice.post(START).json()["message"] == "无法连接到算力服务器"

@@ -16,9 +16,6 @@ from comfyproxy.models import ComfyInstance, InstanceState
 from tests.processes import free_port, port_open, stop_process, wait_for_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-CHINESE_CATALOG_PENDING = pytest.mark.xfail(
-    reason="Chinese wording arrives with the zh-hans catalog", strict=False
-)
 
 
 def english(client: Client) -> Client:
@@ -44,7 +41,6 @@ def test_the_landing_page_is_chinese_by_default_and_offers_english(db):
     assert 'href="/accounts/login/?next=/practice/"' in html
 
 
-@CHINESE_CATALOG_PENDING
 def test_the_practice_page_speaks_chinese(student, client_for):  # Chinese-text assertion
     assert "启动ComfyUI" in client_for(student).get("/practice/").content.decode()
 
