@@ -17,16 +17,36 @@ from playwright.sync_api import expect
 from comfyproxy.launchers import LaunchError, launcher_for
 from comfyproxy.models import ComfyInstance, Task, TaskStatus
 from tests.e2e.conftest import COMFYUI_LOAD_MS
+from tests.processes import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "comfyproxy" / "emulator" / "data" / "workflows"
-# 1024x1024 blurs, about 1.5 s each on the emulator: four make a run long enough to be seen
-# waiting behind, two one long enough to be seen running.
-LONG_WORKFLOW = "slow_blur_chain_long.json"
-SHORT_WORKFLOW = "slow_blur_chain.json"
 CARD = "#comfyui-queue-notification .card"
 RUN_TIMEOUT_MS = 60_000
+
+
+def blur_chain(blurs: int) -> bytes:
+    """An API-format workflow of 1024x1024 blurs, about 1.5 s each on the emulator (no weights needed)."""
+    nodes = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 7},
+        }
+    }
+    for number in range(2, blurs + 2):
+        nodes[str(number)] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": [str(number - 1), 0], "blur_radius": 31, "sigma": 10.0},
+        }
+    nodes[str(blurs + 2)] = {"class_type": "PreviewImage", "inputs": {"images": [str(blurs + 1), 0]}}
+    return json.dumps(nodes).encode()
+
+
+# Long enough for the second student to be seen waiting behind it, even on a busy machine.
+FIRST_WORKFLOW = ("blur_chain_8.json", blur_chain(8))
+# Long enough to be seen running.
+SECOND_WORKFLOW = ("slow_blur_chain.json", (WORKFLOWS / "slow_blur_chain.json").read_bytes())
 
 
 @pytest.fixture
@@ -82,9 +102,8 @@ class StudentBrowser:
     def card(self):
         return self.comfyui.locator(CARD)
 
-    def queue_workflow(self, file_name: str) -> Task:
+    def queue_workflow(self, file_name: str, workflow: bytes) -> Task:
         """Open the workflow file in ComfyUI (as its Open dialog does) and press its Queue button."""
-        workflow = (WORKFLOWS / file_name).read_bytes()
         file_input = self.comfyui.locator("#comfy-file-input")
         with self.page.expect_console_message(
             lambda message: f"open workflow workflows/{file_name}" in message.text
@@ -112,12 +131,17 @@ def test_the_second_student_sees_their_place_live_then_their_run(
     alice.log_in_and_start_comfyui()
     bob.log_in_and_start_comfyui()
 
-    first = alice.queue_workflow(LONG_WORKFLOW)
-    expect(alice.card).to_contain_text("正在执行", timeout=RUN_TIMEOUT_MS)
+    first = alice.queue_workflow(*FIRST_WORKFLOW)
+    wait_until(
+        lambda: Task.objects.filter(pk=first.pk, status=TaskStatus.PROCESSING).exists(),
+        timeout=RUN_TIMEOUT_MS / 1000,
+        message="the first student's run to start",
+    )
 
-    second = bob.queue_workflow(SHORT_WORKFLOW)
-    expect(bob.card).to_contain_text("前方还有 1 人排队")
+    second = bob.queue_workflow(*SECOND_WORKFLOW)
+    expect(bob.card).to_contain_text("前方还有 1 人排队", timeout=15_000)
     expect(bob.card).to_contain_text("最多支持 1 人同时执行")
+    expect(alice.card).to_contain_text("正在执行", timeout=15_000)
     bob.snap("waiting")
     alice.snap("running")
     second.refresh_from_db()
