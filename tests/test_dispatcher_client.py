@@ -22,6 +22,7 @@ from comfyproxy.comfy.client import (
     PromptState,
     RetryPolicy,
 )
+from comfyproxy.comfy.watcher import FrameReader
 
 BASE = "http://127.0.0.1:8189"
 PROMPT_ID = "5f0c1d1e-0000-4000-8000-000000000001"
@@ -58,7 +59,8 @@ class ScriptedComfyUI:
 
 def client_for(comfy: ScriptedComfyUI, attempts: int = 3) -> ComfyClient:
     return ComfyClient(
-        transport=httpx.MockTransport(comfy), retry=RetryPolicy(attempts=attempts, first_backoff=0)
+        transport_factory=lambda: httpx.MockTransport(comfy),
+        retry=RetryPolicy(attempts=attempts, first_backoff=0),
     )
 
 
@@ -256,3 +258,26 @@ async def test_interrupt_names_the_prompt_and_cancel_deletes_it_from_the_pending
         await client.interrupt(BASE, PROMPT_ID)
     assert comfy.sent("POST", "/queue") == [{"delete": [PROMPT_ID]}]
     assert comfy.sent("POST", "/interrupt") == [{"prompt_id": PROMPT_ID}]
+
+
+def status(remaining: int) -> str:
+    return json.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}}})
+
+
+def test_the_watcher_reads_history_only_when_a_frame_may_mean_a_prompt_ended():
+    frames = FrameReader()
+    seen = [
+        frames.may_have_ended(frame)
+        for frame in [
+            status(0),  # on connecting: something may have ended while we were away
+            status(1),  # our prompt was queued
+            status(1),  # ... and taken by the worker
+            json.dumps({"type": "progress_state", "data": {"prompt_id": PROMPT_ID, "nodes": {}}}),
+            json.dumps({"type": "executing", "data": {"node": "2", "prompt_id": PROMPT_ID}}),
+            status(0),  # it left the queue
+            json.dumps({"type": "executing", "data": {"node": None, "prompt_id": PROMPT_ID}}),
+            json.dumps({"type": "execution_interrupted", "data": {"prompt_id": PROMPT_ID}}),
+            "not json",
+        ]
+    ]
+    assert seen == [True, False, False, False, False, True, True, True, False]

@@ -1,11 +1,11 @@
 """A WebSocket to each ComfyUI instance that runs a task, to notice the moment a prompt ends.
 
 Per-prompt events go only to the submitting browser's client id. What every socket
-receives is the broadcast `status` frame (sent when a prompt finishes, among other
-times) and, for prompts without a client id, `executing` and `execution_interrupted`.
-Each of these means "read /history now". The socket uses a client id of the
-dispatcher's own: ComfyUI keeps only the newest socket per client id, so borrowing the
-student's would silence the student's page.
+receives is the broadcast `status` frame, whose `queue_remaining` drops when a prompt
+finishes, and, for prompts without a client id, `executing` and the `execution_*` events.
+Those mean "read /history now". The socket uses a client id of the dispatcher's own:
+ComfyUI keeps only the newest socket per client id, so borrowing the student's would
+silence the student's page.
 """
 
 import asyncio
@@ -19,23 +19,44 @@ from websockets.exceptions import WebSocketException
 
 logger = logging.getLogger(__name__)
 
-WAKING_EVENTS = frozenset(
-    {"status", "executing", "execution_success", "execution_error", "execution_interrupted"}
-)
+ENDING_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 # Status frames are tiny; this only bounds what a misbehaving server can make us buffer.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
-def _event_type(frame: str) -> str | None:
-    try:
-        message = json.loads(frame)
-    except ValueError:
-        return None
-    return message.get("type") if isinstance(message, dict) else None
+class FrameReader:
+    """Decides which frames of one socket may mean that a prompt ended."""
+
+    def __init__(self):
+        self.queue_remaining: int | None = None
+
+    def may_have_ended(self, frame: str) -> bool:
+        try:
+            message = json.loads(frame)
+            kind, data = message["type"], message["data"]
+        except (ValueError, TypeError, KeyError):
+            return False
+        if kind == "status":
+            try:
+                remaining = int(data["status"]["exec_info"]["queue_remaining"])
+            except (TypeError, KeyError, ValueError):
+                return True
+            # It also rises when a prompt is queued: only a drop can be a prompt leaving.
+            dropped = self.queue_remaining is None or remaining < self.queue_remaining
+            self.queue_remaining = remaining
+            return dropped
+        if kind == "executing":
+            return isinstance(data, dict) and data.get("node") is None
+        return kind in ENDING_EVENTS
 
 
 class InstanceWatchers:
-    """One socket per instance, shared by whoever follows a prompt there, closed when nobody does."""
+    """One socket per instance, shared by whoever follows a prompt there.
+
+    A socket stays open `linger_seconds` after its last follower leaves, since the same
+    instance usually runs again soon (a student's next workflow) and reconnecting costs
+    a handshake on every hand-off.
+    """
 
     def __init__(
         self,
@@ -44,13 +65,16 @@ class InstanceWatchers:
         open_timeout: float = 5.0,
         first_reconnect_delay: float = 0.1,
         max_reconnect_delay: float = 5.0,
+        linger_seconds: float = 60.0,
     ):
         self.client_id = client_id
         self.open_timeout = open_timeout
         self.first_reconnect_delay = first_reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
+        self.linger_seconds = linger_seconds
         self._sockets: dict[str, asyncio.Task] = {}
         self._listeners: dict[str, set[asyncio.Event]] = {}
+        self._closing: dict[str, asyncio.TimerHandle] = {}
 
     @contextlib.asynccontextmanager
     async def watch(self, base_url: str, activity: asyncio.Event) -> AsyncIterator[None]:
@@ -61,6 +85,9 @@ class InstanceWatchers:
         """
         listeners = self._listeners.setdefault(base_url, set())
         listeners.add(activity)
+        closing = self._closing.pop(base_url, None)
+        if closing is not None:
+            closing.cancel()
         if base_url not in self._sockets:
             self._sockets[base_url] = asyncio.create_task(
                 self._keep_socket(base_url, listeners), name=f"watch {base_url}"
@@ -70,14 +97,24 @@ class InstanceWatchers:
         finally:
             listeners.discard(activity)
             if not listeners:
-                del self._listeners[base_url]
-                self._sockets.pop(base_url).cancel()
+                self._closing[base_url] = asyncio.get_running_loop().call_later(
+                    self.linger_seconds, self._close_unwatched, base_url
+                )
+
+    def _close_unwatched(self, base_url: str) -> None:
+        self._closing.pop(base_url, None)
+        if not self._listeners.get(base_url):
+            self._listeners.pop(base_url, None)
+            self._sockets.pop(base_url).cancel()
 
     async def aclose(self) -> None:
+        for closing in self._closing.values():
+            closing.cancel()
         tasks = list(self._sockets.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._closing.clear()
         self._sockets.clear()
         self._listeners.clear()
 
@@ -99,9 +136,10 @@ class InstanceWatchers:
                     max_size=MAX_FRAME_BYTES,
                 ) as socket:
                     delay = self.first_reconnect_delay
+                    frames = FrameReader()
                     notify()
                     async for frame in socket:
-                        if isinstance(frame, str) and _event_type(frame) in WAKING_EVENTS:
+                        if isinstance(frame, str) and frames.may_have_ended(frame):
                             notify()
             except (OSError, TimeoutError, WebSocketException) as error:
                 logger.debug("socket to %s: %s", base_url, error)
