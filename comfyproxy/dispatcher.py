@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import signal
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,11 @@ def _took(start, end) -> str:
 
 # What an unreachable or restarted database raises (InterfaceError is not a DatabaseError).
 DATABASE_ERRORS = (DatabaseError, InterfaceError)
+# Web-side changes (services.notify reasons) that cannot make room while every slot is taken:
+# a new task only waits, a cancelled one left the queue or runs until ComfyUI confirms it
+# stopped, a reordered queue starts nothing. Any other change (cap, pause, an instance that
+# came or went, a signal missed while Redis was away) sends the dispatcher to claim.
+CANNOT_FREE_A_SLOT = frozenset({"submitted", "cancelled", "reordered"})
 
 
 class Database:
@@ -134,20 +140,21 @@ class Database:
 class SnapshotPublisher:
     """Sends the live queue state after changes, coalesced and kept off the hand-off path.
 
-    Building a snapshot costs tens of milliseconds of CPU in this process, so: at most one
-    send in flight, one more afterwards if anything changed meanwhile (a burst of 300
-    submissions costs a handful of sends, not 300), a short settle delay so the hand-off
-    that caused the change goes out to ComfyUI first, and a floor between sends. Students
-    still see every change within a fraction of a second.
+    A snapshot of a full class takes tens to hundreds of milliseconds of CPU in this
+    process, and threads share one interpreter lock, so: at most one send in flight, one
+    more afterwards if anything changed meanwhile (a burst of 300 submissions costs a
+    handful of sends, not 300), a short settle delay so the hand-off that caused a change
+    reaches ComfyUI first, and a pause after each send of twice its duration (at least
+    MIN_GAP_SECONDS), so snapshots never take more than a third of the process's time.
     """
 
     SETTLE_SECONDS = 0.02
-    MIN_INTERVAL_SECONDS = 0.2
+    MIN_GAP_SECONDS = 0.2
 
     def __init__(self):
         self._pending = False
         self._task: asyncio.Task | None = None
-        self._last_sent = -math.inf
+        self._next_allowed = -math.inf
 
     def request(self) -> None:
         self._pending = True
@@ -156,14 +163,16 @@ class SnapshotPublisher:
 
     async def _send_while_pending(self) -> None:
         while self._pending:
-            next_allowed = self._last_sent + self.MIN_INTERVAL_SECONDS
-            await asyncio.sleep(max(self.SETTLE_SECONDS, next_allowed - time.monotonic()))
+            await asyncio.sleep(max(self.SETTLE_SECONDS, self._next_allowed - time.monotonic()))
             self._pending = False
-            self._last_sent = time.monotonic()
+            began = time.monotonic()
             try:
                 await broadcast.broadcast_queue_snapshot()
             except Exception as error:  # live state is best effort; the database is the truth
                 logger.warning("event=broadcast_failed error=%r", error)
+            ended = time.monotonic()
+            self._next_allowed = ended + max(self.MIN_GAP_SECONDS, 2 * (ended - began))
+            log_event("broadcast", level=logging.DEBUG, took=f"{ended - began:.3f}s")
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -447,6 +456,11 @@ class Dispatcher:
         self._stop_requests = 0
         self._publisher = SnapshotPublisher()
         self._side_tasks: set[asyncio.Task] = set()
+        # What a dispatch pass must look at. During a burst of submissions with every slot
+        # taken, a pass then costs no database work at all.
+        self._slots_full = False  # the last claim found every slot taken; nothing freed one since
+        self._cancels_unchecked = True  # a running task may have been cancelled since we looked
+        self._next_orphan_sweep = 0.0
 
     # --- Lease -----------------------------------------------------------------------------
 
@@ -475,6 +489,7 @@ class Dispatcher:
             return False
         self.lease = lease
         self._trust_lease_until(asked_at)
+        self._look_at_everything()
         log_event("lease_acquired", holder=self.holder, epoch=lease.epoch)
         try:
             await self.reconcile()
@@ -528,25 +543,35 @@ class Dispatcher:
         return len(assignments)
 
     async def dispatch_step(self) -> int:
-        """Step: start as many queued tasks as free slots allow; returns how many started."""
+        """Step: start as many queued tasks as free slots allow; returns how many started.
+
+        It also tells runs about cancel requests and, every poll period, fails queued tasks
+        whose instance is gone; it skips what no change since the last pass can have affected.
+        """
         started = 0
-        while not self._stopping.is_set():
-            assignment = await self.db.call(dispatch.claim_next_task, self.current_lease())
-            if assignment is None:
+        while not self._slots_full and not self._stopping.is_set():
+            claim = await self.db.call(dispatch.claim, self.current_lease())
+            self._slots_full = claim.free_slots == 0
+            if claim.assignment is None:
                 break
-            log_event(
-                "claimed",
-                assignment.task,
-                waited=_took(assignment.task.queued_at, assignment.task.started_at),
-            )
-            self._start_run(assignment, resumed=False)
+            task = claim.assignment.task
+            log_event("claimed", task, waited=_took(task.queued_at, task.started_at))
+            self._start_run(claim.assignment, resumed=False)
             started += 1
         if started:
             self._publisher.request()
-        await self.apply_cancel_requests()
-        # After the claims, off the hand-off path: orphans are never eligible for a claim anyway.
-        if await self.db.call(dispatch.fail_orphaned_tasks, self.current_lease()):
-            self._publisher.request()
+        if self._cancels_unchecked:
+            self._cancels_unchecked = False
+            try:
+                await self.apply_cancel_requests()
+            except BaseException:
+                self._cancels_unchecked = True
+                raise
+        if time.monotonic() >= self._next_orphan_sweep:
+            # After the claims, off the hand-off path: orphans are never eligible for a claim.
+            self._next_orphan_sweep = time.monotonic() + self.config.completion_poll_seconds
+            if await self.db.call(dispatch.fail_orphaned_tasks, self.current_lease()):
+                self._publisher.request()
         return started
 
     async def apply_cancel_requests(self) -> None:
@@ -572,6 +597,7 @@ class Dispatcher:
 
     def slot_freed(self) -> None:
         """A run ended: hand its slot on now, then tell everyone."""
+        self._slots_full = False
         self.wake()
         self._publisher.request()
 
@@ -597,11 +623,23 @@ class Dispatcher:
         timeout = (
             self.config.completion_poll_seconds if self.redis_available else self.config.outage_poll_seconds
         )
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            # The fallback poll: a signal may have been lost, so assume anything changed.
+            self._look_at_everything()
         self._wake.clear()
 
-    def _queue_changed(self) -> None:
+    def _look_at_everything(self) -> None:
+        self._slots_full = False
+        self._cancels_unchecked = True
+
+    def _queue_changed(self, reason: str | None) -> None:
+        """The web side changed the queue (`reason` as published; None when unknown)."""
+        if reason not in CANNOT_FREE_A_SLOT:
+            self._slots_full = False
+        if reason != "submitted":
+            self._cancels_unchecked = True
         self.wake()
         self._publisher.request()
 
@@ -620,9 +658,9 @@ class Dispatcher:
                         log_event("redis_subscribed")
                     self.redis_available = True
                     delay = 0.1
-                    self._queue_changed()  # whatever changed while we were not listening
-                    async for _message in pubsub.listen():
-                        self._queue_changed()
+                    self._queue_changed(None)  # whatever changed while we were not listening
+                    async for message in pubsub.listen():
+                        self._queue_changed(message["data"].decode(errors="replace"))
             except (RedisError, OSError) as error:
                 if self.redis_available:
                     log_event(
@@ -655,10 +693,14 @@ class Dispatcher:
                 run.asyncio_task.cancel()
 
     async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (as the management command does)."""
+        """Run until SIGTERM/SIGINT, as the process's only job (the management command)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        # A hand-off passes between the event loop and the database thread several times;
+        # while a snapshot is being built on a third thread, each pass waits for the
+        # interpreter lock up to this interval (5 ms by default), so keep it short.
+        sys.setswitchinterval(0.0005)
         await self.run()
 
     async def run(self) -> None:

@@ -96,24 +96,34 @@ class DispatcherThread:
             raise self.error
 
 
-def make_dispatcher(*, redis_url: str | None = None, transport=None, **config) -> Dispatcher:
+def make_dispatcher(*, redis_url: str | None = None, transport_factory=None, **config) -> Dispatcher:
     return Dispatcher(
         config=replace(FAST_CONFIG, **config),
-        comfy=ComfyClient(timeouts=FAST_TIMEOUTS, retry=FAST_RETRY, transport=transport),
+        comfy=ComfyClient(timeouts=FAST_TIMEOUTS, retry=FAST_RETRY, transport_factory=transport_factory),
         redis_url=redis_url,
     )
 
 
 class RecordingTransport(httpx.AsyncHTTPTransport):
-    """A real HTTP transport that also keeps every request the dispatcher sent ComfyUI."""
+    """A real HTTP transport that also notes every request in a log it shares with others."""
 
-    def __init__(self):
+    def __init__(self, log: list[httpx.Request]):
         super().__init__()
-        self.requests: list[httpx.Request] = []
+        self.log = log
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
+        self.log.append(request)
         return await super().handle_async_request(request)
+
+
+class RequestRecorder:
+    """A transport factory for ComfyClient whose transports all note requests here."""
+
+    def __init__(self):
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self) -> RecordingTransport:
+        return RecordingTransport(self.requests)
 
     def bodies(self, method: str, path: str) -> list[dict]:
         return [
@@ -124,9 +134,9 @@ class RecordingTransport(httpx.AsyncHTTPTransport):
 
 
 @pytest.fixture
-def recording_transport() -> RecordingTransport:
-    """Pass to `start_dispatcher(transport=...)` to see every request the dispatcher sends."""
-    return RecordingTransport()
+def request_recorder() -> RequestRecorder:
+    """Pass to `start_dispatcher(transport_factory=...)` to see every request the dispatcher sends."""
+    return RequestRecorder()
 
 
 @pytest.fixture
@@ -137,9 +147,11 @@ def start_dispatcher(transactional_db):
     started: list[DispatcherThread] = []
 
     def start(
-        *, wait_for_lease: bool = True, redis_url: str | None = None, transport=None, **config
+        *, wait_for_lease: bool = True, redis_url: str | None = None, transport_factory=None, **config
     ) -> DispatcherThread:
-        handle = DispatcherThread(make_dispatcher(redis_url=redis_url, transport=transport, **config))
+        handle = DispatcherThread(
+            make_dispatcher(redis_url=redis_url, transport_factory=transport_factory, **config)
+        )
         started.append(handle)
         return handle.start(wait_for_lease=wait_for_lease)
 

@@ -405,11 +405,11 @@ def test_a_submitted_task_comfyui_does_not_know_is_lost(classroom, start_dispatc
 
 
 def test_comfyui_gets_the_students_fields_but_never_their_queue_order(
-    classroom, start_dispatcher, recording_transport
+    classroom, start_dispatcher, request_recorder
 ):
     _emulator, (alice,) = classroom(1)
-    sent = recording_transport
-    start_dispatcher(transport=sent)
+    sent = request_recorder
+    start_dispatcher(transport_factory=sent)
     extra = {"extra_pnginfo": {"workflow": {"nodes": []}}}
     task = submit(alice, extra_data=extra, partial_execution_targets=["3"], number=-5, front=True)
     wait_for_status(task, TaskStatus.COMPLETED)
@@ -424,12 +424,12 @@ def test_comfyui_gets_the_students_fields_but_never_their_queue_order(
 
 
 def test_comfyui_is_asked_to_free_memory_after_a_task_when_the_teacher_wants_it(
-    classroom, start_dispatcher, teacher, recording_transport
+    classroom, start_dispatcher, teacher, request_recorder
 ):
     _emulator, (alice,) = classroom(1)
     control.update_settings(actor=teacher, free_memory_after_task=True)
-    sent = recording_transport
-    start_dispatcher(transport=sent)
+    sent = request_recorder
+    start_dispatcher(transport_factory=sent)
     wait_for_status(submit(alice), TaskStatus.COMPLETED)
     wait_until(lambda: sent.bodies("POST", "/free"), timeout=10, message="POST /free")
     assert sent.bodies("POST", "/free") == [{"unload_models": True, "free_memory": True}]

@@ -108,6 +108,21 @@ def test_claims_in_fifo_order_up_to_the_cap(lease, students, queue_settings):
     assert third.status == TaskStatus.QUEUED
 
 
+def test_a_claim_says_how_many_slots_stay_free(lease, students, queue_settings):
+    queue_settings.max_concurrent_override = 2
+    queue_settings.save()
+    submit(students[0])
+    assert dispatch.claim(lease).free_slots == 1
+    assert dispatch.claim(lease) == dispatch.Claim(None, free_slots=1)  # free, but nothing eligible
+    submit(students[1])
+    assert dispatch.claim(lease).free_slots == 0
+    assert dispatch.claim(lease) == dispatch.Claim(None, free_slots=0)
+    queue_settings.paused = True
+    queue_settings.max_concurrent_override = 5
+    queue_settings.save()
+    assert dispatch.claim(lease) == dispatch.Claim(None, free_slots=0)
+
+
 def test_claim_records_when_and_how_often(lease, students):
     task = submit(students[0])
     assignment = dispatch.claim_next_task(lease)

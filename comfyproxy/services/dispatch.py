@@ -140,7 +140,15 @@ def fail_orphaned_tasks(lease: Lease) -> int:
         )
 
 
-def claim_next_task(lease: Lease) -> Assignment | None:
+@dataclass(frozen=True)
+class Claim:
+    """What one claim did: the task it started (if any) and how many slots are still free."""
+
+    assignment: Assignment | None
+    free_slots: int
+
+
+def claim(lease: Lease) -> Claim:
     """Move the oldest eligible queued task to processing, if the cap and pause allow.
 
     Eligible: its student's instance runs at the task's address and runs nothing else
@@ -154,33 +162,39 @@ def claim_next_task(lease: Lease) -> Assignment | None:
         now = timezone.now()
         queue_settings = QueueSettings.load()
         if queue_settings.paused:
-            return None
-        if Task.objects.processing().count() >= queue_settings.max_concurrent:
-            return None
+            return Claim(None, free_slots=0)
+        free_slots = queue_settings.max_concurrent - Task.objects.processing().count()
+        if free_slots <= 0:
+            return Claim(None, free_slots=0)
         busy_instances = Task.objects.processing().filter(instance__isnull=False).values("instance_id")
         candidates = (
             Task.objects.queued()
             .filter(Exists(_instance_at_task_address([InstanceState.RUNNING])))
             .exclude(instance_id__in=busy_instances)
             .in_queue_order()
-            .select_related("owner")
+            # Ids only: a row holds the whole workflow, often hundreds of kB of UI graph.
+            .values_list("pk", flat=True)
         )
-        for task in candidates[:CLAIM_CANDIDATES]:
-            claimed = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
+        for task_id in candidates[:CLAIM_CANDIDATES]:
+            claimed = Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED).update(
                 status=TaskStatus.PROCESSING,
                 started_at=now,
                 dispatch_attempts=F("dispatch_attempts") + 1,
             )
             if claimed:
-                task.status = TaskStatus.PROCESSING
-                task.started_at = now
-                task.dispatch_attempts += 1
-                return Assignment(
+                task = Task.objects.select_related("owner").get(pk=task_id)
+                assignment = Assignment(
                     task=task,
                     run_timeout_seconds=queue_settings.effective_run_timeout_seconds,
                     free_memory_after=queue_settings.free_memory_after_task,
                 )
-    return None
+                return Claim(assignment, free_slots=free_slots - 1)
+    return Claim(None, free_slots=free_slots)
+
+
+def claim_next_task(lease: Lease) -> Assignment | None:
+    """The next task, if one could start now (`claim` also says how many slots stay free)."""
+    return claim(lease).assignment
 
 
 def processing_assignments() -> list[Assignment]:
