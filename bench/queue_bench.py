@@ -99,6 +99,18 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far (Linux /proc); 0 once it is gone."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return total
+    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total + sum(cpu_seconds(int(child)) for child in children)
+
+
 # --- Set-up ------------------------------------------------------------------------------------
 
 
@@ -267,7 +279,7 @@ def handoffs(runs: list[tuple[float, float]], arrivals: list[float]) -> list[flo
     return gaps
 
 
-def measure(options: Options, submissions: list[Submission], emulator) -> dict:
+def measure(options: Options, submissions: list[Submission], emulator, cpu: dict[str, float]) -> dict:
     from comfyproxy.models import Task
 
     tasks = list(Task.objects.all())
@@ -279,7 +291,8 @@ def measure(options: Options, submissions: list[Submission], emulator) -> dict:
     makespan = last_finished - first_sent
     ideal = options.tasks * options.job_seconds / options.cap
     latencies = [submission.latency for submission in submissions]
-    gaps = handoffs(runs, [submission.sent_at for submission in submissions])
+    # A task waits from the moment its submission was answered (committed), not when it was sent.
+    gaps = handoffs(runs, [submission.sent_at + submission.latency for submission in submissions])
     return {
         "options": asdict(options),
         "when": datetime.now().isoformat(timespec="seconds"),
@@ -296,6 +309,8 @@ def measure(options: Options, submissions: list[Submission], emulator) -> dict:
         "submitted_more_than_once": sorted(pid for pid, n in stats["submissions"].items() if n != 1),
         "executed_more_than_once": sorted(pid for pid, n in stats["executions"].items() if n != 1),
         "executions": len(stats["executions"]),
+        # CPU seconds each part used from the first submission to the last task's end.
+        "cpu_seconds": cpu,
     }
 
 
@@ -327,6 +342,14 @@ def print_table(result: dict) -> None:
         ),
         ("max running", str(result["max_running_seen"]), f"cap {options['cap']} (emulator's count)"),
         ("tasks", json.dumps(result["task_statuses"]), f"{result['executions']} executions"),
+        (
+            "CPU per task",
+            milliseconds(result["cpu_seconds"]["dispatcher"] / options["tasks"]),
+            "dispatcher; web "
+            + milliseconds(result["cpu_seconds"]["web"] / options["tasks"])
+            + ", emulator "
+            + milliseconds(result["cpu_seconds"]["emulator"] / options["tasks"]),
+        ),
         (
             "ran twice",
             str(len(result["executed_more_than_once"])),
@@ -416,6 +439,8 @@ def run(options: Options, workdir: Path) -> dict:
             message="the dispatcher to take the lease",
         )
 
+        processes = {"dispatcher": dispatcher, "web": web, "emulator": emulator.process, "redis": redis}
+        cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
         submissions = asyncio.run(submit_burst(base_url, students, options))
         from comfyproxy.models import TERMINAL_STATUSES, Task
 
@@ -429,7 +454,8 @@ def run(options: Options, workdir: Path) -> dict:
             interval=0.2,
             message="every task to finish",
         )
-        result = measure(options, submissions, emulator)
+        cpu = {name: cpu_seconds(process.pid) - cpu_before[name] for name, process in processes.items()}
+        result = measure(options, submissions, emulator, cpu)
         dispatcher.send_signal(signal.SIGTERM)
         dispatcher.wait(timeout=30)
         return result
