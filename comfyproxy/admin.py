@@ -7,6 +7,7 @@ records who did what and wakes the dispatcher.
 
 from datetime import date, timedelta
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.db.models import Count, Q
@@ -230,10 +231,29 @@ class ComfyInstanceAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
         run_action(self, request, control.stop_instances, instances=queryset)
 
 
+class QueueSettingsForm(forms.ModelForm):
+    """Runs each changed value through the service's rules, so errors appear beside the field."""
+
+    class Meta:
+        model = QueueSettings
+        fields = control.EDITABLE_SETTINGS
+
+    def clean(self):
+        cleaned = super().clean()
+        for field in self.changed_data:
+            if field in cleaned:
+                try:
+                    control.validate_setting(field, cleaned[field])
+                except errors.QueueError as error:
+                    self.add_error(field, str(error.message))
+        return cleaned
+
+
 @admin.register(QueueSettings)
 class QueueSettingsAdmin(admin.ModelAdmin):
     """The single settings row: the list page opens it directly; saving goes through the service."""
 
+    form = QueueSettingsForm
     fields = (
         "paused",
         "max_concurrent_override",
@@ -256,10 +276,6 @@ class QueueSettingsAdmin(admin.ModelAdmin):
         obj = QueueSettings.load()
         return HttpResponseRedirect(reverse("admin:comfyproxy_queuesettings_change", args=[obj.pk]))
 
-    def get_form(self, request, obj=None, change=False, **kwargs):
-        form = super().get_form(request, obj, change, **kwargs)
-        return type("QueueSettingsForm", (SettingsFormValidation, form), {})
-
     def save_model(self, request, obj, form, change):
         changes = {field: form.cleaned_data[field] for field in form.changed_data}
         result = control.update_settings(actor=request.user, **changes)
@@ -268,20 +284,6 @@ class QueueSettingsAdmin(admin.ModelAdmin):
     def response_change(self, request, obj):
         # The service already reported what changed; skip Django's generic "changed" message.
         return HttpResponseRedirect(request.path)
-
-
-class SettingsFormValidation:
-    """Runs each changed value through the service's rules, so errors appear beside the field."""
-
-    def clean(self):
-        cleaned = super().clean()
-        for field in self.changed_data:
-            if field in cleaned:
-                try:
-                    control.validate_setting(field, cleaned[field])
-                except errors.QueueError as error:
-                    self.add_error(field, str(error.message))
-        return cleaned
 
 
 @admin.register(AuditEvent)

@@ -60,7 +60,8 @@ def observe_handoff(seconds: float) -> None:
     """Record one hand-off: from the moment a task could start (it arrived while a slot was
     free, or a slot freed while it waited) until the dispatcher claimed it.
 
-    Called by the dispatcher. Best effort: a metric never delays or fails a dispatch.
+    Called by the dispatcher, off its event loop (one blocking Redis round trip, bounded by
+    the cache's socket timeout). Best effort: a metric never delays or fails a dispatch.
     """
     bucket = next((str(bound) for bound in HANDOFF_BUCKETS if seconds <= bound), "+Inf")
     try:
