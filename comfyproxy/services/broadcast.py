@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Q
@@ -99,43 +99,56 @@ def _queue_summary(overview: QueueOverview, run_seconds: float) -> dict:
 def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     """The queue as it is now; with `owner_id`, only that person's tasks (and no board).
 
-    The tasks come from one statement, so the snapshot is one consistent view: a task
-    claimed while it is read is either waiting or running in it, never both, and the
-    counts agree with the lists. `as_of` is taken before reading, so a consumer can tell
-    which of two snapshots saw the later state and never replace a newer one with an older.
+    The tasks shown come from one statement, so a task claimed while they are read is either
+    waiting or running in the snapshot, never both; for the whole queue the counts and
+    positions come from that same statement too. `as_of` is taken before reading, so a
+    consumer can tell which of two snapshots saw the later state and never replace a newer
+    one with an older.
     """
     as_of = time.time()
     queue_settings = QueueSettings.load()
     run_seconds = typical_run_seconds()
-    recent = Q(finished_at__gte=timezone.now() - RECENTLY_FINISHED)
-    if owner_id is not None:
-        # Everyone's waiting and running tasks count for positions; only this person's are shown.
-        recent &= Q(owner_id=owner_id)
-    tasks = list(
-        Task.objects.filter(Q(status__in=ACTIVE_STATUSES) | recent)
-        .only(*DESCRIBED_FIELDS)
-        .select_related("owner")
+    shown_filter = Q(status__in=ACTIVE_STATUSES) | Q(finished_at__gte=timezone.now() - RECENTLY_FINISHED)
+    described = Task.objects.only(*DESCRIBED_FIELDS).select_related("owner")
+    if owner_id is None:
+        shown = list(described.filter(shown_filter))
+        active = [
+            (task.id, task.status, task.queue_order, task.queued_at) for task in shown if not task.is_terminal
+        ]
+    else:
+        # Positions and counts need everyone's waiting and running tasks, but only a few
+        # columns of them (a class reconnecting at once reads this once per socket).
+        active = list(Task.objects.active().values_list("id", "status", "queue_order", "queued_at"))
+        shown = list(described.filter(shown_filter, owner_id=owner_id))
+
+    # A waiting task's position is its rank among all waiting tasks, whoever owns them.
+    waiting = sorted(
+        (row for row in active if row[1] == TaskStatus.QUEUED), key=lambda row: (row[2], row[3], row[0])
     )
-    queued = sorted(
-        (task for task in tasks if task.status == TaskStatus.QUEUED),
-        key=lambda task: (task.queue_order, task.queued_at, task.id),
-    )
-    running = sorted(
-        (task for task in tasks if task.status == TaskStatus.PROCESSING), key=lambda t: t.started_at
-    )
-    finished = sorted((task for task in tasks if task.is_terminal), key=lambda t: t.finished_at, reverse=True)
+    rank = {row[0]: position for position, row in enumerate(waiting, start=1)}
     overview = QueueOverview(
         max_concurrent=queue_settings.max_concurrent,
-        processing_count=len(running),
-        queue_length=len(queued),
+        processing_count=sum(1 for row in active if row[1] == TaskStatus.PROCESSING),
+        queue_length=len(waiting),
         paused=queue_settings.paused,
     )
-    # A waiting task's position is its rank among all waiting tasks, whoever owns them.
-    rank = {task.id: position for position, task in enumerate(queued, start=1)}
-    shown = [task for task in running + queued + finished if owner_id is None or task.owner_id == owner_id]
+    # Submitted after the positions were read (owner_id only): behind everyone seen.
+    unranked = len(rank) + 1
+    queued = sorted(
+        (task for task in shown if task.status == TaskStatus.QUEUED),
+        key=lambda task: rank.get(task.id, unranked),
+    )
+    running = sorted(
+        (task for task in shown if task.status == TaskStatus.PROCESSING), key=lambda t: t.started_at
+    )
+    finished = sorted((task for task in shown if task.is_terminal), key=lambda t: t.finished_at, reverse=True)
+    shown = running + queued + finished
     states = {
         task.id: describe_task(
-            task, overview=overview, position=rank.get(task.id, 0), run_seconds=run_seconds
+            task,
+            overview=overview,
+            position=rank.get(task.id, unranked) if task.status == TaskStatus.QUEUED else 0,
+            run_seconds=run_seconds,
         )
         for task in shown
     }
@@ -207,7 +220,8 @@ async def broadcast_queue_snapshot() -> QueueSnapshot | None:
     Best effort, like the channel layer itself: if Redis is unreachable the change is not
     lost, since clients reconcile from the database when they reconnect or poll.
     """
-    snapshot = await sync_to_async(read_queue_snapshot, thread_sensitive=True)()
+    # Its connection goes back after the read, not held by a thread shared by the process.
+    snapshot = await database_sync_to_async(read_queue_snapshot)()
     layer = get_channel_layer()
     try:
         for group, event in snapshot_events(snapshot).items():
