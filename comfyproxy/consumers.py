@@ -16,7 +16,8 @@ from comfyproxy import errors, gateway
 from comfyproxy.services.broadcast import SNAPSHOT_EVENT, Viewer, read_viewer_state, render_frame
 from comfyproxy.services.queue import authorize, resolve_owner
 
-# Close code for a refused socket (4000-4999 are the application's own).
+# Why a socket is refused (4000-4999 are the application's own). Refused before the
+# handshake completes, so over a real server the browser sees an HTTP 403.
 NOT_AUTHENTICATED = 4401
 
 
