@@ -16,6 +16,7 @@ from comfyproxy.gateway import comfy_entry_url
 from comfyproxy.models import Task, TaskStatus
 from comfyproxy.services import queue
 from tests.e2e.conftest import COMFYUI_LOAD_MS, broadcast_now
+from tests.processes import wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -41,9 +42,7 @@ def busy_class(nginx_gateway, make_student, register_instance, make_task, queue_
     return alice, alice_port
 
 
-def open_comfyui(
-    chromium, gateway, user, port: int, *, language: str | None = None, block_queue_socket=False
-):
+def open_comfyui(chromium, gateway, user, port: int, *, language: str | None = None, route_queue_socket=None):
     """The student's ComfyUI as the practice page's iframe opens it, in a browser set to Chinese
     (as the school's are); returns the page and the queue script's problems.
 
@@ -61,8 +60,8 @@ def open_comfyui(
         "console",
         lambda message: message.text.startswith("[comfyui-queue]") and problems.append(message.text),
     )
-    if block_queue_socket:
-        page.route_web_socket("**/queue-ws/", lambda socket: socket.close())
+    if route_queue_socket is not None:
+        page.route_web_socket("**/queue-ws/", route_queue_socket)
     page.goto(comfy_entry_url(user, port, gateway.login(user)))
     expect(page.get_by_test_id("queue-button")).to_be_visible(timeout=COMFYUI_LOAD_MS)
     return page, problems
@@ -171,13 +170,37 @@ def test_the_card_speaks_english_when_the_teaching_site_does(chromium, nginx_gat
 def test_without_the_queue_socket_the_card_follows_by_polling(chromium, nginx_gateway, busy_class):
     alice, port = busy_class
     task = queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW}, port=port)
-    page, problems = open_comfyui(chromium, nginx_gateway, alice, port, block_queue_socket=True)
+    page, problems = open_comfyui(
+        chromium, nginx_gateway, alice, port, route_queue_socket=lambda socket: socket.close()
+    )
     expect(page.locator(CARD)).to_contain_text("前方还有 1 人排队")
 
     Task.objects.filter(pk=task.pk).update(status=TaskStatus.PROCESSING, started_at=timezone.now())
 
     # No broadcast: only the status endpoint, polled every 5 s, can tell the page.
     expect(page.locator(CARD)).to_contain_text("正在执行", timeout=15_000)
+    assert problems == []
+
+
+def test_after_the_socket_drops_the_card_reconnects_and_catches_up(chromium, nginx_gateway, busy_class):
+    alice, port = busy_class
+    task = queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW}, port=port)
+    sockets = []
+
+    def relay(socket):
+        socket.connect_to_server()
+        sockets.append(socket)
+
+    page, problems = open_comfyui(chromium, nginx_gateway, alice, port, route_queue_socket=relay)
+    expect(page.locator(CARD)).to_contain_text("前方还有 1 人排队")
+    assert len(sockets) == 1
+
+    sockets[0].close()
+    # Changed while the page is cut off, and never broadcast: only a fresh connection tells.
+    Task.objects.filter(pk=task.pk).update(status=TaskStatus.PROCESSING, started_at=timezone.now())
+
+    expect(page.locator(CARD)).to_contain_text("正在执行")
+    wait_until(lambda: len(sockets) == 2, timeout=10, message="the script to open a new queue socket")
     assert problems == []
 
 
