@@ -500,13 +500,24 @@ class Dispatcher:
         return True
 
     async def renew_lease(self) -> bool:
-        """Step: extend the lease (the heartbeat); on finding it taken, stop acting at once."""
+        """Step: extend the lease (the heartbeat); on finding it taken, stop acting at once.
+
+        After a stretch without the database the lease may have lapsed by our own clock:
+        runs that had to record something then let go of their task, so it is still ours
+        (nobody took the lease) but followed by no one until reconciled.
+        """
         asked_at = time.monotonic()
-        if await self.db.call(dispatch.renew_lease, self.lease, self._lease_duration):
-            self._trust_lease_until(asked_at)
-            return True
-        self._give_up_lease("taken by another dispatcher")
-        return False
+        if not await self.db.call(dispatch.renew_lease, self.lease, self._lease_duration):
+            self._give_up_lease("taken by another dispatcher")
+            return False
+        lapsed = time.monotonic() >= self._lease_valid_until
+        self._trust_lease_until(asked_at)
+        if lapsed:
+            log_event("lease_resumed", holder=self.holder, epoch=self.lease.epoch)
+            self._look_at_everything()
+            await self.reconcile()
+            self.wake()
+        return True
 
     def _give_up_lease(self, why: str) -> None:
         if self.lease is None:

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import subprocess
+import time
 
 import pytest
 import redis
@@ -26,6 +27,8 @@ from tests.harness import start_redis
 from tests.processes import stop_process, wait_for_port, wait_until
 
 pytest_plugins = ["tests.dispatcher_fixtures"]
+# The lease of the in-process dispatchers (tests.dispatcher_fixtures.FAST_CONFIG).
+FAST_LEASE_SECONDS = 3
 pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 _colors = itertools.count(1)
@@ -488,3 +491,17 @@ def restart_redis(directory, port: int) -> subprocess.Popen:
     )
     wait_for_port(port, timeout=10, process=process)
     return process
+
+
+def test_a_task_that_ends_while_the_database_is_out_of_reach_is_recorded_afterwards(
+    classroom, start_dispatcher
+):
+    emulator, (alice,) = classroom(1, job_seconds=2.5)
+    dispatcher = start_dispatcher()
+    task = wait_until_submitted(submit(alice))
+    # The dispatcher's database thread hangs well past the lease (3 s): the run ends in the
+    # meantime, and by then the lease has lapsed by the dispatcher's own clock, so the run
+    # lets go of its task rather than record blind.
+    dispatcher.run_step(dispatcher.dispatcher.db.call, time.sleep, FAST_LEASE_SECONDS + 2)
+    assert wait_for_status(task, TaskStatus.COMPLETED).status == TaskStatus.COMPLETED
+    assert_each_ran_exactly_once(emulator, [task])
