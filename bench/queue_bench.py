@@ -213,11 +213,16 @@ async def submit_burst(base_url: str, students: list[Student], options: Options)
         body = {"prompt": workflow(index + 1), "client_id": f"page-{student.username}"}
         sent_at = time.time()
         began = time.perf_counter()
-        response = await client.post(
-            f"{base_url}/comfyui/{student.username}/{student.port}/prompt",
-            json=body,
-            headers={"Cookie": f"comfy_access={student.comfy_access}"},
-        )
+        try:
+            response = await client.post(
+                f"{base_url}/comfyui/{student.username}/{student.port}/prompt",
+                json=body,
+                headers={"Cookie": f"comfy_access={student.comfy_access}"},
+            )
+        except httpx.HTTPError:
+            # Counted as a failed submission (status 0); the run then fails its invariants.
+            results.append(Submission(student.username, sent_at, time.perf_counter() - began, 0, None))
+            return
         latency = time.perf_counter() - began
         task_id = response.json().get("prompt_id") if response.status_code == 200 else None
         results.append(Submission(student.username, sent_at, latency, response.status_code, task_id))
@@ -445,10 +450,11 @@ def run(options: Options, workdir: Path) -> dict:
         from comfyproxy.models import TERMINAL_STATUSES, Task
 
         patience = options.tasks * options.job_seconds / options.cap * 3 + 60
+        accepted = sum(submission.status == 200 for submission in submissions)
         wait_until(
             lambda: (
                 Task.objects.exclude(status__in=TERMINAL_STATUSES).count() == 0
-                and Task.objects.count() == options.tasks
+                and Task.objects.count() == accepted
             ),
             timeout=patience,
             interval=0.2,
