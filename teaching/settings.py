@@ -132,7 +132,9 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+        # Under ASGI each request runs its sync code on a thread of its own, so persistent
+        # connections would mean one per request in flight. PostgreSQL pools them (below).
+        conn_max_age=0,
         conn_health_checks=True,
     )
 }
@@ -140,7 +142,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web workers and the dispatcher write concurrently: WAL lets readers run beside a
     # writer, IMMEDIATE takes the write lock up front (no lock-upgrade deadlock, which
     # is what surfaces as "database is locked"), and the timeout waits for it.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
@@ -149,8 +150,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     if os.environ.get("COMFYPROXY_TEST_SQLITE"):
         # Tests that spawn the dispatcher or the web server share one file with them.
         DATABASES["default"]["TEST"] = {"NAME": os.environ["COMFYPROXY_TEST_SQLITE"]}
-elif os.environ.get("COMFYPROXY_TEST_DB_NAME"):
-    DATABASES["default"]["TEST"] = {"NAME": os.environ["COMFYPROXY_TEST_DB_NAME"]}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A class pressing Queue at once put hundreds of requests in flight, each with its own
+    # connection, past PostgreSQL's max_connections ("too many clients", answered 503).
+    # One pool per process bounds them: a request waits for a free connection instead.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": 10, "timeout": 10}
+    if os.environ.get("COMFYPROXY_TEST_DB_NAME"):
+        DATABASES["default"]["TEST"] = {"NAME": os.environ["COMFYPROXY_TEST_DB_NAME"]}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
