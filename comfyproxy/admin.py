@@ -215,7 +215,7 @@ class ComfyInstanceAdmin(ReadOnlyRowsMixin, admin.ModelAdmin):
     @admin.display(description=_("idle for"))
     def idle_for(self, instance):
         if instance.state != InstanceState.RUNNING:
-            return "-"
+            return format_duration(None)
         return format_duration(_seconds_between(instance.last_activity_at or instance.started_at, None))
 
     @admin.display(description=_("waiting or running tasks"), ordering="active_task_count")

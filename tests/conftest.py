@@ -15,6 +15,10 @@ from comfyproxy.services import instances
 from tests.nginx_fixtures import nginx_gateway, nginx_stack  # noqa: F401 (nginx + Django + emulator)
 from tests.processes import free_port_block
 
+# Registered here, before any test directory's conftest imports from it, so that pytest
+# rewrites its asserts (a module imported first and registered later is an error).
+pytest_plugins = ["tests.dispatcher_fixtures"]
+
 _usernames = itertools.count(1)
 
 

@@ -15,7 +15,6 @@ from comfyproxy.models import TERMINAL_STATUSES, Task, TaskStatus
 from comfyproxy.services import dispatch, queue
 from tests.processes import wait_until
 
-pytest_plugins = ["tests.dispatcher_fixtures"]
 pytestmark = pytest.mark.usefixtures("fast_password_hashing")
 
 WORKFLOW = {
