@@ -62,9 +62,7 @@ class Task(models.Model):
     """One submitted workflow. Its id is also the prompt id ComfyUI runs it under."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comfy_tasks"
-    )
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comfy_tasks")
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,
@@ -73,9 +71,7 @@ class Task(models.Model):
         related_name="+",
         help_text=_("Who pressed Queue: the student, or a teacher acting for them."),
     )
-    instance = models.ForeignKey(
-        "ComfyInstance", on_delete=models.SET_NULL, null=True, related_name="tasks"
-    )
+    instance = models.ForeignKey("ComfyInstance", on_delete=models.SET_NULL, null=True, related_name="tasks")
     # Where it runs, kept even if the instance row is later reassigned.
     host = models.CharField(max_length=255)
     port = models.PositiveIntegerField()
@@ -86,9 +82,7 @@ class Task(models.Model):
     extra_data = models.JSONField(default=dict, blank=True)
     partial_execution_targets = models.JSONField(null=True, blank=True)
 
-    status = models.CharField(
-        max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED
-    )
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     reason = models.CharField(max_length=32, choices=TaskReason.choices, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
     # ComfyUI's own error object and node_errors, shown to the student as ComfyUI would.
@@ -125,9 +119,7 @@ class Task(models.Model):
             models.Index(fields=["queued_at"], name="task_queued_at_idx"),
         ]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(status__in=TaskStatus.values), name="task_status_valid"
-            ),
+            models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
             # Invariant 2: one task at a time per ComfyUI instance. A second one would
             # only wait inside ComfyUI while holding one of the class's GPU slots.
             models.UniqueConstraint(
@@ -185,9 +177,7 @@ class ComfyInstance(models.Model):
     )
     host = models.CharField(max_length=255)
     port = models.PositiveIntegerField(null=True, blank=True)
-    state = models.CharField(
-        max_length=16, choices=InstanceState.choices, default=InstanceState.STOPPED
-    )
+    state = models.CharField(max_length=16, choices=InstanceState.choices, default=InstanceState.STOPPED)
     # "ssh", "local" or "external" (registered by an operator, started elsewhere).
     launcher = models.CharField(max_length=16, default="external")
     # What the launcher needs to stop it again (e.g. the remote pid).
@@ -213,12 +203,9 @@ class ComfyInstance(models.Model):
                 condition=Q(state__in=["starting", "running", "stopping"]),
                 name="instance_one_live_per_port",
             ),
+            models.CheckConstraint(condition=Q(state__in=InstanceState.values), name="instance_state_valid"),
             models.CheckConstraint(
-                condition=Q(state__in=InstanceState.values), name="instance_state_valid"
-            ),
-            models.CheckConstraint(
-                condition=~Q(state__in=["starting", "running", "stopping"])
-                | Q(port__isnull=False),
+                condition=~Q(state__in=["starting", "running", "stopping"]) | Q(port__isnull=False),
                 name="instance_live_has_port",
             ),
         ]
@@ -270,8 +257,7 @@ class QueueSettings(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(pk=1), name="queue_settings_singleton"),
             models.CheckConstraint(
-                condition=Q(max_concurrent_override__isnull=True)
-                | Q(max_concurrent_override__gte=1),
+                condition=Q(max_concurrent_override__isnull=True) | Q(max_concurrent_override__gte=1),
                 name="queue_settings_cap_positive",
             ),
         ]

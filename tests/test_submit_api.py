@@ -15,7 +15,12 @@ PORT = 8189
 
 
 def comfy_body(**extra):
-    return {"client_id": "browser-1", "prompt": WORKFLOW, "extra_data": {"extra_pnginfo": {"workflow": {}}}, **extra}
+    return {
+        "client_id": "browser-1",
+        "prompt": WORKFLOW,
+        "extra_data": {"extra_pnginfo": {"workflow": {}}},
+        **extra,
+    }
 
 
 def post_json(client, url, body, **headers):
@@ -104,7 +109,9 @@ def test_missing_prompt_is_400_no_prompt(alice, comfy_client_for):
 def test_messages_are_chinese_by_default_and_english_on_request(alice, comfy_client_for):
     client = comfy_client_for(alice)
     chinese = post_json(client, f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"})
-    english = post_json(client, f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"}, HTTP_ACCEPT_LANGUAGE="en")
+    english = post_json(
+        client, f"/comfyui/alice/{PORT}/prompt", {"client_id": "x"}, HTTP_ACCEPT_LANGUAGE="en"
+    )
     assert english.json()["error"]["message"] == "No prompt provided."
     assert chinese.json()["error"]["message"] != english.json()["error"]["message"]
 
@@ -164,7 +171,10 @@ def test_per_student_limit_is_429(alice, comfy_client_for, queue_settings):
 
 def test_cross_site_post_is_refused(alice, comfy_client_for):
     response = post_json(
-        comfy_client_for(alice), f"/comfyui/alice/{PORT}/prompt", comfy_body(), HTTP_ORIGIN="http://evil.example"
+        comfy_client_for(alice),
+        f"/comfyui/alice/{PORT}/prompt",
+        comfy_body(),
+        HTTP_ORIGIN="http://evil.example",
     )
     assert response.status_code == 403
     assert comfy_error_type(response) == "cross_site_request"
@@ -179,7 +189,9 @@ def test_deeply_nested_body_is_400_not_500(alice, comfy_client_for):
 
 
 def test_api_wrong_content_type_is_415(alice, client_for):
-    response = client_for(alice).post("/api/v1/comfy_proxy/execute/alice", data="prompt=1", content_type="text/plain")
+    response = client_for(alice).post(
+        "/api/v1/comfy_proxy/execute/alice", data="prompt=1", content_type="text/plain"
+    )
     assert response.status_code == 415
     assert response.json()["code"] == "unsupported_media_type"
 
@@ -196,7 +208,9 @@ def test_cancel_removes_a_queued_task_at_once(alice, client_for):
 
 
 def test_status_of_someone_elses_task_is_refused(alice, other_student, client_for):
-    task_id = post_json(client_for(alice), "/api/v1/comfy_proxy/execute/alice", comfy_body()).json()["task_id"]
+    task_id = post_json(client_for(alice), "/api/v1/comfy_proxy/execute/alice", comfy_body()).json()[
+        "task_id"
+    ]
     response = client_for(other_student).get(f"/api/v1/comfy_proxy/status/{task_id}")
     assert response.status_code == 403
 
