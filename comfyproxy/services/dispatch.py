@@ -163,10 +163,11 @@ def claim(lease: Lease) -> Claim:
         queue_settings = QueueSettings.load()
         if queue_settings.paused:
             return Claim(None, free_slots=0)
-        free_slots = queue_settings.max_concurrent - Task.objects.processing().count()
+        running_on = list(Task.objects.processing().values_list("instance_id", flat=True))
+        free_slots = queue_settings.max_concurrent - len(running_on)
         if free_slots <= 0:
             return Claim(None, free_slots=0)
-        busy_instances = Task.objects.processing().filter(instance__isnull=False).values("instance_id")
+        busy_instances = [instance_id for instance_id in running_on if instance_id is not None]
         candidates = (
             Task.objects.queued()
             .filter(Exists(_instance_at_task_address([InstanceState.RUNNING])))
