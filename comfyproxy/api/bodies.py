@@ -1,11 +1,23 @@
 """Reading a workflow body safely: size first, then JSON, with every failure a QueueError."""
 
 import json
+import math
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 
 from comfyproxy import errors
+
+
+def _refuse_constant(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a number")
+    return value
 
 
 def read_json_body(request):
@@ -24,8 +36,10 @@ def read_json_body(request):
     if not raw.strip():
         raise errors.MalformedJSON()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Strict JSON only: NaN, Infinity and 1e999 would be stored, then refused by
+        # the database or sent to ComfyUI as something no JSON parser reads.
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except ValueError:  # also bad UTF-8, and integers too long for Python to read
         raise errors.MalformedJSON() from None
     except RecursionError:
         raise errors.InvalidPrompt() from None
