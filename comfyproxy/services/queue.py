@@ -50,6 +50,8 @@ def parse_submission(body) -> Submission:
         raise errors.InvalidPrompt(details=_("The body must be a JSON object."))
     if "prompt" not in body:
         raise errors.NoPrompt()
+    # First, so that no refusal below quotes text that cannot be written back.
+    _check_storable(body)
     prompt = body["prompt"]
     if not isinstance(prompt, dict) or not prompt:
         raise errors.InvalidPrompt(details=_("`prompt` must be a non-empty object of nodes."))
@@ -71,13 +73,12 @@ def parse_submission(body) -> Submission:
         raise errors.InvalidPrompt(
             details=_("`partial_execution_targets` must be a list of node ids.")
         )
-    _check_storable(prompt)
-    _check_storable(extra_data)
     return Submission(prompt, client_id, extra_data, targets)
 
 
 def _check_storable(value) -> None:
-    """Refuse what no database column takes: absurd nesting and NUL characters."""
+    """Refuse what no database column takes and no UTF-8 can carry to ComfyUI: absurd
+    nesting, NUL characters and lone surrogates (which JSON's "\\ud800" escape yields)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -85,17 +86,31 @@ def _check_storable(value) -> None:
             raise errors.InvalidPrompt(details=_("The workflow is nested too deeply."))
         if isinstance(item, dict):
             for key, child in item.items():
-                if "\x00" in key:
-                    raise errors.InvalidPrompt(details=_("The workflow contains a NUL character."))
+                _check_text(key)
                 stack.append((child, depth + 1))
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, str) and "\x00" in item:
-            raise errors.InvalidPrompt(details=_("The workflow contains a NUL character."))
+        elif isinstance(item, str):
+            _check_text(item)
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise errors.InvalidPrompt(details=_("The workflow contains a NUL character."))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidPrompt(
+                details=_("The workflow contains text that is not valid Unicode.")
+            ) from None
 
 
 def resolve_owner(username: str):
     user_model = get_user_model()
+    if "\x00" in username:
+        # No username holds one, and PostgreSQL refuses the query outright.
+        raise errors.UserNotFound()
     try:
         return user_model.objects.get(**{user_model.USERNAME_FIELD: username})
     except user_model.DoesNotExist:
