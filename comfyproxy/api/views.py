@@ -6,7 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from comfyproxy import errors
-from comfyproxy.api.bodies import read_json_body
+from comfyproxy.api.bodies import UnreadBody, read_json_body
 from comfyproxy.services import queue
 
 ERROR_SCHEMA = inline_serializer(
@@ -48,7 +48,7 @@ REFUSALS = {code: OpenApiResponse(ERROR_SCHEMA) for code in (400, 401, 403, 404,
 class ExecuteView(APIView):
     """Queue a ComfyUI workflow (a ComfyUI /prompt body) on the student's running instance."""
 
-    parser_classes = []  # the body is read with size and depth limits in read_json_body
+    parser_classes = [UnreadBody]  # the body is read with size and depth limits in read_json_body
 
     @extend_schema(
         request={"application/json": {"type": "object", "properties": {"prompt": {"type": "object"}}}},
