@@ -6,6 +6,7 @@ answers ComfyUI's own error shape so the unmodified frontend shows the message.
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from django.utils.translation import gettext as _
 from rest_framework import exceptions as drf_exceptions
@@ -58,6 +59,10 @@ def api_exception_handler(exc, context):
         return Response(api_error_body(exc.code, exc.message, str(exc.details)), status=exc.status_code)
     if isinstance(exc, Http404):
         return Response(api_error_body("not_found", _("Not found.")), status=404)
+    if isinstance(exc, RequestDataTooBig):
+        # DRF reads the body of any POST to parse it (the CSRF check asks for request.POST).
+        too_large = errors.BodyTooLarge()
+        return Response(api_error_body(too_large.code, too_large.message), status=too_large.status_code)
     if isinstance(exc, drf_exceptions.APIException):
         code = next((c for cls, c in DRF_CODES.items() if isinstance(exc, cls)), "bad_request")
         # Session auth has no WWW-Authenticate challenge, so DRF would answer 403.
