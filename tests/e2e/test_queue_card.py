@@ -7,6 +7,7 @@ No dispatcher runs here: the test changes task rows and broadcasts as the dispat
 """
 
 import json
+import time
 
 import pytest
 from django.utils import timezone
@@ -16,7 +17,6 @@ from comfyproxy.gateway import comfy_entry_url
 from comfyproxy.models import Task, TaskStatus
 from comfyproxy.services import queue
 from tests.e2e.conftest import COMFYUI_LOAD_MS, broadcast_now
-from tests.processes import wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -200,7 +200,11 @@ def test_after_the_socket_drops_the_card_reconnects_and_catches_up(chromium, ngi
     Task.objects.filter(pk=task.pk).update(status=TaskStatus.PROCESSING, started_at=timezone.now())
 
     expect(page.locator(CARD)).to_contain_text("正在执行")
-    wait_until(lambda: len(sockets) == 2, timeout=10, message="the script to open a new queue socket")
+    # Playwright's sync API runs route handlers only while the test is inside one of its calls.
+    deadline = time.monotonic() + 10
+    while len(sockets) < 2:
+        assert time.monotonic() < deadline, "the script did not open a new queue socket"
+        page.wait_for_timeout(50)
     assert problems == []
 
 
