@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connections
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from comfyproxy import errors
 from comfyproxy.launchers import launcher_for
@@ -90,10 +90,10 @@ def test_comfyui_that_exits_while_starting_fails_before_the_timeout(local_comfy,
     settings.COMFY_LOCAL_COMMAND = EXITS_AT_ONCE
     settings.COMFY_START_TIMEOUT_SECONDS = 120
 
-    with pytest.raises(errors.InstanceStartFailed) as refusal:
+    with translation.override("en"), pytest.raises(errors.InstanceStartFailed) as refusal:
         instances.start_instance(student)
 
-    assert refusal.value.details == "ComfyUI exited while starting."  # English msgid; zh-hans once translated
+    assert refusal.value.details == "ComfyUI exited while starting."
     assert ComfyInstance.objects.get(user=student).state == InstanceState.FAILED
 
 

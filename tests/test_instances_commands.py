@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from comfyproxy.models import ComfyInstance, InstanceState
 from comfyproxy.services import instances
@@ -62,7 +62,7 @@ def test_stop_idle_reports_what_it_stopped(local_comfy, student, other_student, 
 
 def test_a_start_that_fails_is_a_command_error_with_the_reason(local_comfy, student, settings):
     settings.COMFY_LOCAL_COMMAND = "{python} -c 'raise SystemExit(1)'"
-    with pytest.raises(CommandError, match="exited while starting"):
+    with translation.override("en"), pytest.raises(CommandError, match="exited while starting"):
         run("start", "alice")
 
 
