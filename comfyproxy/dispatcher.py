@@ -317,9 +317,9 @@ class TaskRun:
             await self._wait(until=time.monotonic() + self.RETRY_SECONDS)
 
     async def _watch(self) -> dispatch.Outcome:
-        """Wait for the prompt's history entry: on every frame from the instance, and on a slow poll."""
-        activity_source = self.dispatcher.watchers.watch(self.base_url, self._attention)
-        async with activity_source:
+        """Wait for the prompt's history entry: read it whenever the instance's socket reports
+        something that may end a prompt, and on a slow poll in case a frame was lost."""
+        async with self.dispatcher.watchers.watch(self.base_url, self._attention):
             next_thorough = time.monotonic() + self.config.completion_poll_seconds
             silent_since: float | None = None
             while True:
@@ -369,8 +369,10 @@ class TaskRun:
             await self.comfy.delete_pending(self.base_url, prompt_id)
             await self.comfy.interrupt(self.base_url, prompt_id)
         except ComfyError as error:
-            log_event("interrupt_failed", self.task, level=logging.WARNING, error=repr(str(error)))
-        log_event("interrupt_sent", self.task, why=why)
+            # The checks that follow notice a ComfyUI that is gone; the grace bounds the wait.
+            log_event("interrupt_failed", self.task, level=logging.WARNING, why=why, error=repr(str(error)))
+        else:
+            log_event("interrupt_sent", self.task, why=why)
 
     def _outcome_of(self, location: PromptLocation) -> dispatch.Outcome:
         return dispatch.outcome_of(
@@ -506,14 +508,17 @@ class Dispatcher:
         runs that had to record something then let go of their task, so it is still ours
         (nobody took the lease) but followed by no one until reconciled.
         """
-        asked_at = time.monotonic()
-        if not await self.db.call(dispatch.renew_lease, self.lease, self._lease_duration):
+        lease, asked_at = self.lease, time.monotonic()
+        renewed = await self.db.call(dispatch.renew_lease, lease, self._lease_duration)
+        if self.lease is not lease:
+            return False  # given up meanwhile (fenced out in a dispatch pass)
+        if not renewed:
             self._give_up_lease("taken by another dispatcher")
             return False
         lapsed = time.monotonic() >= self._lease_valid_until
         self._trust_lease_until(asked_at)
         if lapsed:
-            log_event("lease_resumed", holder=self.holder, epoch=self.lease.epoch)
+            log_event("lease_resumed", holder=self.holder, epoch=lease.epoch)
             self._look_at_everything()
             await self.reconcile()
             self.wake()
@@ -681,6 +686,7 @@ class Dispatcher:
                         error=repr(str(error)),
                     )
                 self.redis_available = False
+                self.wake()  # so the loop's next wait is the short outage poll
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await connection.aclose()
