@@ -29,6 +29,7 @@ ensure_postgres() {
 ensure_postgres
 
 export PATH="$PWD/.venv/bin:$PATH"
+mkdir -p var  # where the default SQLite database lives (makemigrations --check opens it)
 echo "==> Static checks"
 ruff check .
 python manage.py check --fail-level WARNING
