@@ -62,44 +62,66 @@ class Task(models.Model):
     """One submitted workflow. Its id is also the prompt id ComfyUI runs it under."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comfy_tasks")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="comfy_tasks",
+        verbose_name=_("student"),
+    )
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
+        verbose_name=_("submitted by"),
         on_delete=models.SET_NULL,
         null=True,
         blank=True,
         related_name="+",
         help_text=_("Who pressed Queue: the student, or a teacher acting for them."),
     )
-    instance = models.ForeignKey("ComfyInstance", on_delete=models.SET_NULL, null=True, related_name="tasks")
+    instance = models.ForeignKey(
+        "ComfyInstance",
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="tasks",
+        verbose_name=_("instance"),
+    )
     # Where it runs, kept even if the instance row is later reassigned.
-    host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField()
+    host = models.CharField(max_length=255, verbose_name=_("host"))
+    port = models.PositiveIntegerField(verbose_name=_("port"))
 
     # What ComfyUI's frontend sent, forwarded untouched (queue order fields excepted).
-    client_id = models.CharField(max_length=200, blank=True)
-    prompt = models.JSONField()
-    extra_data = models.JSONField(default=dict, blank=True)
-    partial_execution_targets = models.JSONField(null=True, blank=True)
+    client_id = models.CharField(max_length=200, blank=True, verbose_name=_("ComfyUI client id"))
+    prompt = models.JSONField(verbose_name=_("workflow"))
+    extra_data = models.JSONField(default=dict, blank=True, verbose_name=_("extra data"))
+    partial_execution_targets = models.JSONField(
+        null=True, blank=True, verbose_name=_("partial execution targets")
+    )
 
-    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
-    reason = models.CharField(max_length=32, choices=TaskReason.choices, blank=True, default="")
-    error_message = models.TextField(blank=True, default="")
+    status = models.CharField(
+        max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED, verbose_name=_("status")
+    )
+    reason = models.CharField(
+        max_length=32, choices=TaskReason.choices, blank=True, default="", verbose_name=_("reason")
+    )
+    error_message = models.TextField(blank=True, default="", verbose_name=_("error message"))
     # ComfyUI's own error object and node_errors, shown to the student as ComfyUI would.
-    comfy_error = models.JSONField(null=True, blank=True)
-    node_errors = models.JSONField(default=dict, blank=True)
-    outputs = models.JSONField(default=dict, blank=True)
+    comfy_error = models.JSONField(null=True, blank=True, verbose_name=_("ComfyUI error"))
+    node_errors = models.JSONField(default=dict, blank=True, verbose_name=_("node errors"))
+    outputs = models.JSONField(default=dict, blank=True, verbose_name=_("outputs"))
 
     # FIFO key: a clock reading at submission; "move to front" puts it below the head.
-    queue_order = models.BigIntegerField()
-    comfy_number = models.FloatField(null=True, blank=True)
-    dispatch_attempts = models.PositiveSmallIntegerField(default=0)
-    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    queue_order = models.BigIntegerField(verbose_name=_("queue order"))
+    comfy_number = models.FloatField(null=True, blank=True, verbose_name=_("ComfyUI number"))
+    dispatch_attempts = models.PositiveSmallIntegerField(default=0, verbose_name=_("dispatch attempts"))
+    cancel_requested_at = models.DateTimeField(null=True, blank=True, verbose_name=_("cancel requested at"))
 
-    queued_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)  # claimed by the dispatcher
-    submitted_at = models.DateTimeField(null=True, blank=True)  # ComfyUI accepted it
-    finished_at = models.DateTimeField(null=True, blank=True)
+    queued_at = models.DateTimeField(default=timezone.now, verbose_name=_("queued at"))
+    started_at = models.DateTimeField(
+        null=True, blank=True, verbose_name=_("started at")
+    )  # claimed by the dispatcher
+    submitted_at = models.DateTimeField(
+        null=True, blank=True, verbose_name=_("submitted at")
+    )  # ComfyUI accepted it
+    finished_at = models.DateTimeField(null=True, blank=True, verbose_name=_("finished at"))
 
     objects = TaskQuerySet.as_manager()
 
@@ -173,22 +195,27 @@ class ComfyInstance(models.Model):
     """A student's own ComfyUI process on the GPU server (one per student)."""
 
     user = models.OneToOneField(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="comfy_instance"
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("student"),
+        on_delete=models.CASCADE,
+        related_name="comfy_instance",
     )
-    host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField(null=True, blank=True)
-    state = models.CharField(max_length=16, choices=InstanceState.choices, default=InstanceState.STOPPED)
+    host = models.CharField(max_length=255, verbose_name=_("host"))
+    port = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("port"))
+    state = models.CharField(
+        max_length=16, choices=InstanceState.choices, default=InstanceState.STOPPED, verbose_name=_("state")
+    )
     # "ssh", "local" or "external" (registered by an operator, started elsewhere).
-    launcher = models.CharField(max_length=16, default="external")
+    launcher = models.CharField(max_length=16, default="external", verbose_name=_("launcher"))
     # What the launcher needs to stop it again (e.g. the remote pid).
-    launcher_handle = models.JSONField(default=dict, blank=True)
-    state_message = models.TextField(blank=True, default="")
+    launcher_handle = models.JSONField(default=dict, blank=True, verbose_name=_("launcher handle"))
+    state_message = models.TextField(blank=True, default="", verbose_name=_("state message"))
 
-    started_at = models.DateTimeField(null=True, blank=True)
-    stopped_at = models.DateTimeField(null=True, blank=True)
-    last_activity_at = models.DateTimeField(null=True, blank=True)
-    last_health_check_at = models.DateTimeField(null=True, blank=True)
-    healthy = models.BooleanField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True, verbose_name=_("started at"))
+    stopped_at = models.DateTimeField(null=True, blank=True, verbose_name=_("stopped at"))
+    last_activity_at = models.DateTimeField(null=True, blank=True, verbose_name=_("last activity"))
+    last_health_check_at = models.DateTimeField(null=True, blank=True, verbose_name=_("last health check"))
+    healthy = models.BooleanField(null=True, blank=True, verbose_name=_("healthy"))
 
     objects = ComfyInstanceQuerySet.as_manager()
 
@@ -246,7 +273,7 @@ class QueueSettings(models.Model):
     free_memory_after_task = models.BooleanField(
         default=False, verbose_name=_("ask ComfyUI to free memory after each task")
     )
-    updated_at = models.DateTimeField(auto_now=True)
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
     updated_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -286,11 +313,11 @@ class QueueSettings(models.Model):
 class DispatcherLease(models.Model):
     """Who may dispatch. Held by one dispatcher; its epoch fences a stale holder's writes."""
 
-    holder = models.CharField(max_length=128, blank=True, default="")
+    holder = models.CharField(max_length=128, blank=True, default="", verbose_name=_("holder"))
     epoch = models.PositiveBigIntegerField(default=0)
-    acquired_at = models.DateTimeField(null=True, blank=True)
-    renewed_at = models.DateTimeField(null=True, blank=True)
-    expires_at = models.DateTimeField(null=True, blank=True)
+    acquired_at = models.DateTimeField(null=True, blank=True, verbose_name=_("acquired at"))
+    renewed_at = models.DateTimeField(null=True, blank=True, verbose_name=_("renewed at"))
+    expires_at = models.DateTimeField(null=True, blank=True, verbose_name=_("expires at"))
 
     class Meta:
         verbose_name = _("dispatcher lease")
@@ -307,11 +334,11 @@ class AuditEvent(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     # Who it was, kept when the account is deleted; for manage.py, the operator's login.
-    actor_name = models.CharField(max_length=150, blank=True, default="")
-    action = models.CharField(max_length=64)
-    summary = models.TextField()
-    affected = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor_name = models.CharField(max_length=150, blank=True, default="", verbose_name=_("actor"))
+    action = models.CharField(max_length=64, verbose_name=_("action"))
+    summary = models.TextField(verbose_name=_("summary"))
+    affected = models.PositiveIntegerField(default=0, verbose_name=_("affected"))
+    created_at = models.DateTimeField(default=timezone.now, db_index=True, verbose_name=_("time"))
 
     class Meta:
         verbose_name = _("audit event")
