@@ -11,12 +11,15 @@ never got it.
     .venv/bin/python bench/ws_bench.py --sockets 100 --rounds 50
     .venv/bin/python bench/ws_bench.py --no-compression   # uvicorn without permessage-deflate
 
-Client, sender, Redis and server share the machine, as they do in the test lab.
+The sockets are held by two client processes, apart from the sender, so that reading 300
+frames never delays the broadcast being timed; all of them, Redis and the server share the
+machine's cores.
 """
 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -35,6 +38,8 @@ SITE_ORIGIN = "http://127.0.0.1:8080"
 FIRST_PORT = 20000
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}}}
 DELIVERY_DEADLINE = 10.0
+# The sockets are held by processes of their own, one per core, never by the sender.
+CLIENT_PROCESSES = 2
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
@@ -100,7 +105,7 @@ def create_class(sockets: int) -> list[tuple[object, object, str]]:
 
 
 class Listener:
-    """One student's socket: remembers when it last saw each (status, position) of its task."""
+    """One student's socket: remembers when it first saw each (status, position) of its task."""
 
     def __init__(self, connection):
         self.connection = connection
@@ -109,15 +114,15 @@ class Listener:
 
     async def run(self):
         async for raw in self.connection:
-            frame = json.loads(raw)
-            for task in frame["tasks"]:
-                self.seen.setdefault((task["status"], task["position"]), time.perf_counter())
+            arrived = time.time()
+            for task in json.loads(raw)["tasks"]:
+                self.seen.setdefault((task["status"], task["position"]), arrived)
             self.changed.set()
 
     async def arrival_of(self, state: tuple[str, int], deadline: float) -> float | None:
         while state not in self.seen:
             self.changed.clear()
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - time.time()
             if remaining <= 0:
                 return None
             try:
@@ -127,33 +132,82 @@ class Listener:
         return self.seen[state]
 
 
-async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict:
+def expected_state(index: int, head: int) -> tuple[str, int]:
+    """What student `index` (0-based, in queue order) sees once students 0..head have left."""
+    return ("cancelled", 0) if index == head else ("queued", index - head)
+
+
+def run_clients(base_url: str, cookie_name: str, sockets: list[tuple[int, str]], rounds: int, pipe) -> None:
+    """A process of its own holding some of the class's sockets, so that reading 300 frames
+    never delays the sender being measured. Reports, per round, each socket's delay."""
+    asyncio.run(_run_clients(base_url, cookie_name, sockets, rounds, pipe))
+
+
+async def _run_clients(base_url, cookie_name, sockets, rounds, pipe) -> None:
     import websockets
-    from asgiref.sync import sync_to_async
-    from django.conf import settings
 
-    from comfyproxy.services import broadcast, queue
-
-    connecting = time.perf_counter()
+    loop = asyncio.get_running_loop()
     connections = await asyncio.gather(
         *(
             websockets.connect(
                 f"{base_url}/ws/comfy_proxy/queue/",
                 origin=SITE_ORIGIN,
-                additional_headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={session}"},
+                additional_headers={"Cookie": f"{cookie_name}={session}"},
                 max_queue=None,
                 # A connect storm waits on the database; this measures broadcasts.
                 open_timeout=None,
             )
-            for _student, _task, session in students
+            for _index, session in sockets
         )
     )
     listeners = [Listener(connection) for connection in connections]
     readers = [asyncio.create_task(listener.run()) for listener in listeners]
-    deadline = time.perf_counter() + DELIVERY_DEADLINE
-    for number, listener in enumerate(listeners, start=1):
-        if await listener.arrival_of(("queued", number), deadline) is None:
-            raise RuntimeError(f"socket {number} never got its initial state")
+    deadline = time.time() + DELIVERY_DEADLINE
+    for (index, _session), listener in zip(sockets, listeners, strict=True):
+        if await listener.arrival_of(("queued", index + 1), deadline) is None:
+            raise RuntimeError(f"socket {index} never got its initial state")
+    pipe.send("ready")
+    for head in range(rounds):
+        started = await loop.run_in_executor(None, pipe.recv)
+        deadline = started + DELIVERY_DEADLINE
+        arrivals = await asyncio.gather(
+            *(
+                listener.arrival_of(expected_state(index, head), deadline)
+                for (index, _session), listener in zip(sockets, listeners, strict=True)
+                if index >= head
+            )
+        )
+        pipe.send([None if arrival is None else (arrival - started) * 1000 for arrival in arrivals])
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*(connection.close() for connection in connections), return_exceptions=True)
+
+
+async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict:
+    """The sender's side, in one event loop for the whole run as in the dispatcher (the
+    channel layer keeps its Redis connections per loop)."""
+    from asgiref.sync import sync_to_async
+    from django.conf import settings
+
+    from comfyproxy.services import broadcast, queue
+
+    spawn = multiprocessing.get_context("spawn")
+    indexed = [(index, session) for index, (_student, _task, session) in enumerate(students)]
+    pipes, clients = [], []
+    connecting = time.perf_counter()
+    for number in range(CLIENT_PROCESSES):
+        ours, theirs = spawn.Pipe()
+        client = spawn.Process(
+            target=run_clients,
+            args=(base_url, settings.SESSION_COOKIE_NAME, indexed[number::CLIENT_PROCESSES], rounds, theirs),
+        )
+        client.start()
+        pipes.append(ours)
+        clients.append(client)
+    loop = asyncio.get_running_loop()
+    for pipe in pipes:
+        if await loop.run_in_executor(None, pipe.recv) != "ready":
+            raise RuntimeError("a client process failed to connect")
     connect_s = time.perf_counter() - connecting
 
     latencies_ms: list[float] = []
@@ -164,25 +218,20 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
     for head in range(rounds):
         student, task, _session = students[head]
         await sync_to_async(queue.cancel_task)(actor=student, task=task)
-        started = time.perf_counter()
+        started = time.time()
         await broadcast.broadcast_queue_snapshot()
-        send_ms.append((time.perf_counter() - started) * 1000)
-        deadline = started + DELIVERY_DEADLINE
-        waiting = listeners[head + 1 :]
-        arrivals = await asyncio.gather(
-            *(listener.arrival_of(("queued", place), deadline) for place, listener in enumerate(waiting, 1)),
-            listeners[head].arrival_of(("cancelled", 0), deadline),
-        )
-        delivered = [(arrival - started) * 1000 for arrival in arrivals if arrival is not None]
+        send_ms.append((time.time() - started) * 1000)
+        for pipe in pipes:
+            pipe.send(started)
+        arrivals = [arrival for pipe in pipes for arrival in await loop.run_in_executor(None, pipe.recv)]
+        delivered = [arrival for arrival in arrivals if arrival is not None]
         lost += len(arrivals) - len(delivered)
         latencies_ms.extend(delivered)
         if delivered:
             round_ms.append(max(delivered))
-
     server_cpu_ms = (cpu_seconds(server_pid) - server_cpu_before) * 1000 / rounds
-    for reader in readers:
-        reader.cancel()
-    await asyncio.gather(*(connection.close() for connection in connections), return_exceptions=True)
+    for client in clients:
+        client.join(timeout=30)
     return {
         "latencies_ms": latencies_ms,
         "round_ms": round_ms,
