@@ -250,9 +250,7 @@ SPECTACULAR_SETTINGS = {
 COMFY_MAX_CONCURRENT = env_int("COMFY_MAX_CONCURRENT", 2, minimum=1)
 COMFY_MAX_CONCURRENT_PROD = env_int("COMFY_MAX_CONCURRENT_PROD", 10, minimum=1)
 # The cap in force unless a teacher overrides it live (QueueSettings in admin).
-COMFY_DEFAULT_MAX_CONCURRENT = (
-    COMFY_MAX_CONCURRENT if ENV == "development" else COMFY_MAX_CONCURRENT_PROD
-)
+COMFY_DEFAULT_MAX_CONCURRENT = COMFY_MAX_CONCURRENT if ENV == "development" else COMFY_MAX_CONCURRENT_PROD
 # The GPU server that runs every student's ComfyUI. nginx connects only to this host.
 COMFY_GPU_HOST = env_str("COMFY_GPU_HOST", "127.0.0.1")
 COMFY_PROXY_BASE_URL = env_str("COMFY_PROXY_BASE_URL", f"http://{COMFY_GPU_HOST}")

@@ -67,12 +67,8 @@ def parse_submission(body) -> Submission:
     if not isinstance(extra_data, dict):
         raise errors.InvalidPrompt(details=_("`extra_data` must be an object."))
     targets = body.get("partial_execution_targets")
-    if targets is not None and not (
-        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-    ):
-        raise errors.InvalidPrompt(
-            details=_("`partial_execution_targets` must be a list of node ids.")
-        )
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise errors.InvalidPrompt(details=_("`partial_execution_targets` must be a list of node ids."))
     return Submission(prompt, client_id, extra_data, targets)
 
 
@@ -179,9 +175,7 @@ def get_task_for(actor, task_id) -> Task:
 def cancel_task(*, actor, task: Task) -> Task:
     """Remove a queued task at once; ask the dispatcher to interrupt a running one."""
     authorize(actor, task.owner)
-    reason = (
-        TaskReason.CANCELLED_BY_OWNER if actor.pk == task.owner_id else TaskReason.CANCELLED_BY_TEACHER
-    )
+    reason = TaskReason.CANCELLED_BY_OWNER if actor.pk == task.owner_id else TaskReason.CANCELLED_BY_TEACHER
     now = timezone.now()
     removed = Task.objects.filter(pk=task.pk, status=TaskStatus.QUEUED).update(
         status=TaskStatus.CANCELLED, reason=reason, finished_at=now, cancel_requested_at=now
@@ -266,9 +260,7 @@ def queue_overview() -> QueueOverview:
 def status_message(task: Task, position: int, overview: QueueOverview) -> str:
     if task.status == TaskStatus.QUEUED:
         if overview.paused:
-            return _("The queue is paused by the teacher; %(count)d ahead of you.") % {
-                "count": position
-            }
+            return _("The queue is paused by the teacher; %(count)d ahead of you.") % {"count": position}
         if position <= overview.available_slots:
             return _("Starting now.")
         return _("The system is busy: %(count)d ahead of you in the queue.") % {"count": position}
@@ -302,9 +294,7 @@ def describe_task(
         "status": task.status,
         "reason": task.reason,
         "position": position,
-        "estimated_wait_seconds": estimated_wait_seconds(
-            position, overview.max_concurrent, run_seconds
-        ),
+        "estimated_wait_seconds": estimated_wait_seconds(position, overview.max_concurrent, run_seconds),
         "message": status_message(task, position, overview),
         "username": task.owner.get_username(),
         "port": task.port,
@@ -322,4 +312,3 @@ def describe_task(
 
 def queued_tasks_in_order():
     return Task.objects.queued().in_queue_order().select_related("owner")
-
