@@ -691,7 +691,9 @@ class Dispatcher:
                 with contextlib.suppress(RedisError, OSError):
                     await connection.aclose()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            # At most a second apart: pages left waiting through a Redis outage are sent the
+            # queue (on re-subscribing) within 2 s of Redis coming back, not 5 s later.
+            delay = min(delay * 2, 1.0)
 
     # --- Running and stopping -------------------------------------------------------------------
 
