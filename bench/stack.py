@@ -108,6 +108,10 @@ class Stack:
             for name, pids in self.components().items()
         }
 
+    def web_worker_cpu(self) -> dict[int, float]:
+        """CPU seconds of each uvicorn worker so far, by pid."""
+        return {pid: cpu_seconds(pid) for pid in self.web_pids()}
+
     def dispatcher_log(self) -> str:
         return (self.workdir / "dispatcher.log").read_text(errors="replace")
 
