@@ -44,7 +44,7 @@ python manage.py comfy_nginx_config --django "127.0.0.1:$django_port" "${nginx_u
 
 echo "==> Starting Django, the dispatcher, the instance monitor and nginx (logs in var/log/)"
 uvicorn teaching.asgi:application --host 127.0.0.1 --port "$django_port" \
-  --proxy-headers --ws-ping-interval 20 --no-access-log >>var/log/web.log 2>&1 &
+  --proxy-headers --ws-ping-interval 20 --ws-per-message-deflate false --no-access-log >>var/log/web.log 2>&1 &
 pids+=($!)
 python manage.py comfy_dispatcher >>var/log/dispatcher.log 2>&1 &
 pids+=($!)
