@@ -10,6 +10,7 @@ calls run on a thread of their own (`Database`).
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -30,6 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from comfyproxy import metrics
 from comfyproxy.comfy.client import (
     Accepted,
     ComfyClient,
@@ -461,6 +463,8 @@ class Dispatcher:
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.
         self._slots_full = False  # the last claim found every slot taken; nothing freed one since
+        # When each slot freed, for the hand-off metric (freed → next task claimed).
+        self._freed_at: collections.deque[float] = collections.deque()
         self._cancels_unchecked = True  # a running task may have been cancelled since we looked
         self._next_orphan_sweep = 0.0
 
@@ -569,7 +573,10 @@ class Dispatcher:
             claim = await self.db.call(dispatch.claim, self.current_lease())
             self._slots_full = claim.free_slots == 0
             if claim.assignment is None:
+                self._freed_at.clear()  # nobody was waiting for those slots
                 break
+            if self._freed_at:
+                self._record_handoff(time.monotonic() - self._freed_at.popleft())
             task = claim.assignment.task
             log_event("claimed", task, waited=_took(task.queued_at, task.started_at))
             self._start_run(claim.assignment, resumed=False)
@@ -613,9 +620,16 @@ class Dispatcher:
 
     def slot_freed(self) -> None:
         """A run ended: hand its slot on now, then tell everyone."""
+        self._freed_at.append(time.monotonic())
         self._slots_full = False
         self.wake()
         self._publisher.request()
+
+    def _record_handoff(self, seconds: float) -> None:
+        # A blocking Redis round trip: on a thread of its own, never on the hand-off path.
+        task = asyncio.create_task(asyncio.to_thread(metrics.observe_handoff, seconds))
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     def free_memory_later(self, base_url: str) -> None:
         async def free():

@@ -17,11 +17,12 @@ from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from comfyproxy.emulator.data import load_workflow
+from comfyproxy.metrics import HANDOFF_KEY
 from comfyproxy.models import TERMINAL_STATUSES, Task, TaskReason, TaskStatus
 from comfyproxy.services import control
 from comfyproxy.services import queue as queue_service
 from comfyproxy.services.broadcast import OWNERS_GROUP
-from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL
+from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL, redis_connection
 from tests.emulator_fixtures import WebSocketRecorder
 from tests.harness import start_redis
 from tests.processes import stop_process, wait_for_port, wait_until
@@ -505,3 +506,21 @@ def test_a_task_that_ends_while_the_database_is_out_of_reach_is_recorded_afterwa
     dispatcher.run_step(dispatcher.dispatcher.db.call, time.sleep, FAST_LEASE_SECONDS + 2)
     assert wait_for_status(task, TaskStatus.COMPLETED).status == TaskStatus.COMPLETED
     assert_each_ran_exactly_once(emulator, [task])
+
+
+def test_a_slot_handed_to_a_waiting_task_is_recorded_as_a_hand_off(
+    classroom, start_dispatcher, client_for, cap
+):
+    _emulator, (alice, bob) = classroom(2, job_seconds=0.3)
+    cap(1)
+    redis_connection().delete(HANDOFF_KEY)
+    start_dispatcher()
+    first = execute(client_for(alice), alice, {"prompt": workflow()})
+    wait_until_submitted(Task(pk=first["prompt_id"]))
+    second = execute(client_for(bob), bob, {"prompt": workflow()})
+    wait_until_all_finished([Task(pk=first["prompt_id"]), Task(pk=second["prompt_id"])])
+
+    recorded = wait_until(lambda: redis_connection().hgetall(HANDOFF_KEY), timeout=5, message="a hand-off")
+    counts = {key.decode(): value for key, value in recorded.items() if key != b"sum"}
+    assert sum(int(value) for value in counts.values()) == 1  # only bob waited for a slot
+    assert 0 <= float(recorded[b"sum"]) < 5
