@@ -153,8 +153,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # A class pressing Queue at once put hundreds of requests in flight, each with its own
     # connection, past PostgreSQL's max_connections ("too many clients", answered 503).
-    # One pool per process bounds them: a request waits for a free connection instead.
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": 10, "timeout": 10}
+    # One pool per process bounds them: a request waits for a free connection instead, as
+    # long as SQLite waits for its write lock (a burst on one worker queued past 10 s).
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": 10, "timeout": 30}
     if os.environ.get("COMFYPROXY_TEST_DB_NAME"):
         DATABASES["default"]["TEST"] = {"NAME": os.environ["COMFYPROXY_TEST_DB_NAME"]}
 
