@@ -11,6 +11,14 @@ from django.urls import path, re_path
 
 from comfyproxy import consumers
 
+
+async def refuse_unknown_socket(scope, receive, send):
+    """Any other address: refused at the handshake (403). URLRouter raises for a path no
+    route matches, which the server answers with 500."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close"})
+
+
 websocket_urlpatterns = [
     path(
         "ws/comfy_proxy/queue/",
@@ -21,4 +29,5 @@ websocket_urlpatterns = [
         r"^comfyui/(?P<username>[^/]+)/(?P<port>[0-9]{1,5})/queue-ws/$",
         OriginValidator(consumers.InstanceQueueConsumer.as_asgi(), [settings.COMFY_PUBLIC_ORIGIN]),
     ),
+    re_path(r"", refuse_unknown_socket),
 ]
