@@ -22,8 +22,10 @@ machine whose other core is also shared by nginx, the dispatcher, Redis and the 
 import getpass
 import io
 import os
+import random
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,13 +36,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tests.emulator_fixtures import EmulatorProcess
 from tests.harness import start_redis
-from tests.processes import free_port, free_port_block, stop_process, wait_for_port, wait_until
+from tests.processes import free_port, stop_process, wait_for_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 EMULATOR_READY_LINE = "ComfyUI emulator ready"
 START_TIMEOUT = 60
+# Below this, ports are often privileged or belong to well-known services.
+FIRST_PRIVATE_PORT = 10000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -144,6 +148,33 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _port_block(count: int) -> int:
+    """First of `count` consecutive ports that servers can bind, below the ephemeral range.
+
+    A class-sized block rarely fits among the ephemeral ports, which thousands of closed
+    client connections leave in TIME_WAIT after a run; servers bind those with
+    SO_REUSEADDR (aiohttp and nginx do), so the check does too.
+    """
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    starts = list(range(FIRST_PRIVATE_PORT, ephemeral_low - count, count))
+    random.shuffle(starts)
+    for first in starts:
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports below {ephemeral_low}")
+
+
 def _uvicorn_workers(pid: int) -> list[int]:
     """The children uvicorn spawned to serve (not multiprocessing's resource tracker)."""
     workers = []
@@ -205,7 +236,7 @@ def running_stack(workdir: Path, options: StackOptions):
     runtime_dir = workdir / "nginx"
     runtime_dir.mkdir(exist_ok=True)
     static_root = workdir / "static"
-    first_port = free_port_block(options.comfy_ports + options.spare_ports)
+    first_port = _port_block(options.comfy_ports + options.spare_ports)
     port_range = (first_port, first_port + options.comfy_ports + options.spare_ports - 1)
     comfy_ports = list(range(first_port, first_port + options.comfy_ports))
     site_port, comfy_port, django_port = free_port(), free_port(), free_port()
