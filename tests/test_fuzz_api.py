@@ -68,7 +68,7 @@ FAST = hypothesis_settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 THOROUGH = hypothesis_settings(
-    max_examples=2000,
+    max_examples=1000,
     database=None,
     deadline=None,
     print_blob=True,
