@@ -184,6 +184,17 @@ def web_server(transactional_db, tmp_path):
 # --- Invariants and figures ---------------------------------------------------------------------
 
 
+def small_workflow(color: int) -> dict:
+    """A two-node workflow; give each task a colour of its own so ComfyUI's cache never skips a run."""
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "fault"}},
+    }
+
+
 def wait_until_all_finished(task_ids, *, timeout: float) -> None:
     wait_until(
         lambda: not Task.objects.filter(pk__in=list(task_ids)).exclude(status__in=TERMINAL_STATUSES).exists(),

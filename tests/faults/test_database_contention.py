@@ -15,22 +15,12 @@ import pytest
 
 from comfyproxy.models import TaskStatus
 from comfyproxy.services import control
-from tests.faults.conftest import check_invariants, wait_until_all_finished
+from tests.faults.conftest import check_invariants, small_workflow, wait_until_all_finished
 
 STUDENTS = 30
 TASKS_PER_STUDENT = 4
 WEB_WORKERS = 3
 CAP = 5
-
-
-def workflow(color: int) -> dict:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "contention"}},
-    }
 
 
 def student_at_work(browser, username: str, number: int) -> tuple[list[str], Counter]:
@@ -40,7 +30,7 @@ def student_at_work(browser, username: str, number: int) -> tuple[list[str], Cou
     for round_ in range(TASKS_PER_STUDENT):
         response = browser.post(
             f"/api/v1/comfy_proxy/execute/{username}",
-            json={"prompt": workflow(number * 100 + round_), "client_id": f"{username}-page"},
+            json={"prompt": small_workflow(number * 100 + round_), "client_id": f"{username}-page"},
         )
         answers[("submit", response.status_code)] += 1
         if response.status_code != 200:

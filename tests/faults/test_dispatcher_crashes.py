@@ -16,7 +16,7 @@ import pytest
 from comfyproxy.models import Task, TaskStatus
 from comfyproxy.services import control
 from comfyproxy.services import queue as queue_service
-from tests.faults.conftest import check_invariants, wait_until_all_finished
+from tests.faults.conftest import check_invariants, small_workflow, wait_until_all_finished
 
 SEED = int(os.environ.get("FAULT_SEED", "20261128"))
 TASKS = 100
@@ -26,17 +26,6 @@ CAP = 4
 JOB_SECONDS = 0.5
 # How long after a dispatcher takes the lease it may be killed: most of its work lies in here.
 LONGEST_LIFE_SECONDS = 1.5
-
-
-def workflow(color: int) -> dict:
-    # A colour of its own per task, so ComfyUI's cache never skips a run.
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "crash"}},
-    }
 
 
 def in_flight() -> dict:
@@ -63,7 +52,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice(
     tasks = []
     for number in range(TASKS):
         student = students[number % STUDENTS]
-        body = {"prompt": workflow(number), "client_id": f"page-{number}"}
+        body = {"prompt": small_workflow(number), "client_id": f"page-{number}"}
         tasks.append(queue_service.submit_task(actor=student, owner=student, body=body))
     started = time.monotonic()
 

@@ -18,27 +18,17 @@ from websockets.sync.client import connect
 
 from comfyproxy.models import TaskStatus
 from comfyproxy.services import control
-from tests.faults.conftest import check_invariants, wait_until_all_finished
+from tests.faults.conftest import check_invariants, small_workflow, wait_until_all_finished
 from tests.processes import wait_until
 
 CAP = 2
 STUDENTS = 4
 
 
-def workflow(color: int) -> dict:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "outage"}},
-    }
-
-
 def submit(browser, student, color: int) -> httpx.Response:
     return browser.post(
         f"/api/v1/comfy_proxy/execute/{student.username}",
-        json={"prompt": workflow(color), "client_id": f"{student.username}-page"},
+        json={"prompt": small_workflow(color), "client_id": f"{student.username}-page"},
     )
 
 
@@ -117,7 +107,7 @@ def test_a_redis_outage_is_a_clear_503_and_everything_resumes_by_itself(
         # What needs Redis says so; what does not goes on.
         assert_outage_refusal(submit(browsers[1], students[1], 100), shape="api")
         assert_outage_refusal(
-            comfy.post(comfy_base + "api/prompt", json={"prompt": workflow(101)}), shape="comfyui"
+            comfy.post(comfy_base + "api/prompt", json={"prompt": small_workflow(101)}), shape="comfyui"
         )
         assert_outage_refusal(browsers[0].get("/api/v1/practice/status"), shape="api")
         assert browsers[0].get(f"/api/v1/comfy_proxy/status/{before[0]}").status_code == 200
@@ -153,7 +143,7 @@ def test_a_redis_outage_is_a_clear_503_and_everything_resumes_by_itself(
             response = submit(browser, student, color)
             assert response.status_code == 200, response.text
             after.append(response.json()["task_id"])
-        response = comfy.post(comfy_base + "api/prompt", json={"prompt": workflow(400)})
+        response = comfy.post(comfy_base + "api/prompt", json={"prompt": small_workflow(400)})
         assert response.status_code == 200, response.text
         after.append(response.json()["prompt_id"])
         # The socket that stayed open is told what happened while Redis was away, and then
