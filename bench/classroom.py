@@ -17,8 +17,9 @@ ComfyUI per student, then plays a lesson's worst minute from one asyncio process
    Jobs take 1-3 s each (the emulator's timing model for the workflow each student sends).
 4. The queue runs until every task has finished. Every frame every socket receives is
    kept, and checked afterwards against the database and ComfyUI's own history.
-5. Memory: the class queues 1,000 more tasks; the web server's and the dispatcher's
-   resident memory is sampled while they wait, then a teacher cancels them all.
+5. Memory: with the queue paused, the class queues 1,000 more tasks; the queue runs again
+   while the web server's and the dispatcher's resident memory is sampled, then a teacher
+   cancels them all.
 6. The gate: ComfyUI's frontend files fetched directly, through a plain nginx proxy_pass
    and through the gated ComfyUI origin, side by side (bench/gate_bench.py's method).
 
