@@ -31,12 +31,21 @@ TAKEOVER_DEADLINE_SECONDS = 30
 
 
 def lease_holder(dispatchers):
-    """The dispatcher process holding an unexpired lease (holders are named host:pid:random)."""
+    """The dispatcher process holding an unexpired lease and acting on it.
+
+    The lease row names its holder (host:pid:random); the holder's log says whether it still
+    considers itself the holder (a renewal can land just after it gave the lease up).
+    """
     lease = DispatcherLease.objects.filter(pk=1, expires_at__gt=timezone.now()).first()
     if lease is None or not lease.holder:
         return None
     pid = int(lease.holder.split(":")[1])
-    return next((dispatcher for dispatcher in dispatchers if dispatcher.process.pid == pid), None)
+    named = next((dispatcher for dispatcher in dispatchers if dispatcher.process.pid == pid), None)
+    if named is None:
+        return None
+    log = named.log()
+    last_taken = max(log.rfind("event=lease_acquired"), log.rfind("event=lease_resumed"))
+    return named if last_taken > log.rfind("event=lease_lost") else None
 
 
 @pytest.mark.slow
