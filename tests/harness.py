@@ -34,7 +34,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for_port(port, timeout=10, process=process)
+    wait_for_port(port, timeout=10, process=process, log=directory / "redis.log")
     return process, port
 
 

@@ -259,10 +259,10 @@ def running_gateway(
         )
         stack.callback(stop_process, nginx)
         for port in emulator_ports:
-            wait_for_port(port, timeout=30, process=emulator_process)
-        wait_for_port(django_port, timeout=30, process=uvicorn)
-        wait_for_port(site_port, timeout=10, process=nginx)
-        wait_for_port(comfy_port, timeout=10, process=nginx)
+            wait_for_port(port, timeout=30, process=emulator_process, log=emulator_log)
+        wait_for_port(django_port, timeout=30, process=uvicorn, log=workdir / "django.log")
+        wait_for_port(site_port, timeout=10, process=nginx, log=runtime_dir / "stderr.log")
+        wait_for_port(comfy_port, timeout=10, process=nginx, log=runtime_dir / "stderr.log")
         yield Gateway(
             site_origin=site_origin,
             comfy_origin=comfy_origin,

@@ -1,21 +1,36 @@
 """Small helpers for tests that run real servers: free ports, waiting for them, stopping them."""
 
+import random
 import socket
 import subprocess
 import time
+from pathlib import Path
+
+# Ports are picked below the kernel's ephemeral range: a port picked there (bind to 0) is free
+# when picked, but any outgoing connection may take it before the server that should listen on
+# it starts, which happened under the fault suite's hundreds of client sockets.
+_LOWEST_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port_block(1)
 
 
 def free_port_block(count: int) -> int:
     """First port of `count` consecutive free ports (for servers that take a range)."""
-    for _attempt in range(200):
-        first = free_port()
-        if first + count > 65535:
+    highest_first = _ephemeral_low() - count
+    for _attempt in range(500):
+        first = random.randint(_LOWEST_PORT, highest_first)
+        block = range(first, first + count)
+        if _handed_out.intersection(block):
             continue
         socks = []
         try:
@@ -23,6 +38,7 @@ def free_port_block(count: int) -> int:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
+            _handed_out.update(block)
             return first
         except OSError:
             continue
@@ -40,16 +56,35 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None = None, host="127.0.0.1"):
+def wait_for_port(
+    port: int,
+    *,
+    timeout: float,
+    process: subprocess.Popen | None = None,
+    host="127.0.0.1",
+    log: Path | None = None,
+):
     """Wait until something listens on the port (polling is all a TCP port offers)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process exited with {process.returncode} before listening on {port}{_log_tail(log)}"
+            )
         if port_open(port, host):
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _log_tail(log: Path | None, lines: int = 20) -> str:
+    if log is None:
+        return ""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n--- " + str(log) + " ---\n" + "\n".join(tail)
 
 
 def wait_until(predicate, *, timeout: float, interval: float = 0.02, message: str = "condition"):

@@ -68,7 +68,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port, timeout=10, process=self.process)
+        wait_for_port(self.port, timeout=10, process=self.process, log=self.directory / "redis.log")
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -166,7 +166,7 @@ def web_server(transactional_db, tmp_path):
             )
         server = WebServer(process=process, port=port, log_path=log_path, env=env)
         started.append(server)
-        wait_for_port(port, timeout=60, process=process)
+        wait_for_port(port, timeout=60, process=process, log=log_path)
         return server
 
     yield start
