@@ -39,3 +39,8 @@ urlpatterns = [
     path("_gate/comfy/", gate.comfy_gate, name="comfy-gate"),
     path("_gate/refused/", gate.comfy_refused, name="comfy-refused"),
 ]
+
+handler400 = "teaching.error_views.bad_request"
+handler403 = "teaching.error_views.permission_denied"
+handler404 = "teaching.error_views.page_not_found"
+handler500 = "teaching.error_views.server_error"
