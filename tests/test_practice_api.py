@@ -29,9 +29,15 @@ def test_start_answers_in_the_seed_shape_with_the_proxy_url(local_comfy, alice, 
     assert data["status"] == "success"
     assert data["state"] == "running"
     assert data["url"] == f"/comfyui/alice/{port}/"
-    assert data["direct_url"] == f"http://127.0.0.1:{port}"
+    # Students never learn the GPU server's own address; only the proxied path.
+    assert data["direct_url"] is None
     assert data["iframe_url"].startswith(settings.COMFY_PUBLIC_ORIGIN)
     assert data["message"]
+
+
+def test_a_teacher_practising_also_sees_the_gpu_servers_own_address(local_comfy, teacher, client_for):
+    data = client_for(teacher).post(START).json()
+    assert data["direct_url"] == f"http://127.0.0.1:{data['port']}"
 
 
 def test_start_says_so_in_chinese(local_comfy, alice):  # Chinese-text assertion

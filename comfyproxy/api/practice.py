@@ -23,7 +23,9 @@ INSTANCE_FIELDS = {
     "iframe_url": serializers.CharField(
         allow_null=True, help_text="The ComfyUI origin's one-time entry URL, for the practice page's iframe."
     ),
-    "direct_url": serializers.CharField(allow_null=True, help_text="The GPU server itself (debugging)."),
+    "direct_url": serializers.CharField(
+        allow_null=True, help_text="The GPU server itself (teachers only; null for students)."
+    ),
     "healthy": serializers.BooleanField(allow_null=True),
     "started_at": serializers.DateTimeField(allow_null=True),
     "message": serializers.CharField(),
@@ -38,6 +40,10 @@ REFUSALS = {code: OpenApiResponse(ERROR_SCHEMA) for code in (401, 403, 409, 502,
 def practice_state(request, instance: ComfyInstance | None) -> dict:
     """The instance as students see it, plus the iframe's entry URL for this viewer and session."""
     state = instances.describe_instance(instance)
+    if not request.user.is_staff:
+        # Students reach ComfyUI only through the teaching system; the GPU server's own
+        # address is for teachers debugging (the key stays, as the seed's API has it).
+        state["direct_url"] = None
     state["iframe_url"] = (
         comfy_entry_url(request.user, instance, request.session.session_key) if state["running"] else None
     )
