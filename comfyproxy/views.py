@@ -20,6 +20,11 @@ def practice(request):
         state = practice_state(request, instance)
     except errors.QueueError as error:
         # No way into ComfyUI right now (Redis down): show the page and say why.
-        state = {**instances.describe_instance(instance), "iframe_url": None, "running": False}
+        state = {
+            **instances.describe_instance(instance),
+            "iframe_url": None,
+            "running": False,
+            "direct_url": None,
+        }
         page_error = error.message
     return render(request, "practice.html", {"instance_state": state, "page_error": page_error})
