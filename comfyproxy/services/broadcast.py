@@ -20,13 +20,15 @@ from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from redis.exceptions import RedisError
 
-from comfyproxy.models import ACTIVE_STATUSES, QueueSettings, Task, TaskStatus
-from comfyproxy.services.queue import QueueOverview, describe_task, typical_run_seconds
+from comfyproxy.models import ACTIVE_STATUSES, TERMINAL_STATUSES, QueueSettings, Task, TaskStatus
+from comfyproxy.services.queue import QueueOverview, estimated_wait_seconds, typical_run_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,14 @@ RECENTLY_FINISHED = timedelta(minutes=5)
 FINISHED_PER_OWNER = 5
 FINISHED_ON_BOARD = 50
 
-# Only what the snapshot reads: a task row also holds the whole workflow (often
-# hundreds of kB of UI graph in extra_data), which a snapshot must never load.
+# Only what the snapshot reads, as plain rows (`_SnapshotRow`): a task row also holds the
+# whole workflow (often hundreds of kB of UI graph in extra_data), which a snapshot must never
+# load, and tuples instead of model instances keep a class-sized snapshot to a few ms.
 DESCRIBED_FIELDS = (
     "id",
     "queue_order",
-    "owner",
-    "owner__username",
+    "owner_id",
+    "owner__username",  # replaced by the user model's USERNAME_FIELD, see _described_fields()
     "status",
     "reason",
     "port",
@@ -59,6 +62,97 @@ DESCRIBED_FIELDS = (
     "comfy_error",
     "node_errors",
 )
+(
+    _ID,
+    _QUEUE_ORDER,
+    _OWNER_ID,
+    _USERNAME,
+    _STATUS,
+    _REASON,
+    _PORT,
+    _QUEUED_AT,
+    _STARTED_AT,
+    _FINISHED_AT,
+    _CANCEL_REQUESTED_AT,
+    _ERROR_MESSAGE,
+    _COMFY_ERROR,
+    _NODE_ERRORS,
+) = range(len(DESCRIBED_FIELDS))
+_TERMINAL = frozenset(TERMINAL_STATUSES)
+
+
+def _described_fields() -> tuple[str, ...]:
+    username = f"owner__{get_user_model().USERNAME_FIELD}"
+    return tuple(username if name == "owner__username" else name for name in DESCRIBED_FIELDS)
+
+
+class _Describer:
+    """`queue.describe_task` for snapshot rows, with the same keys, values and messages.
+
+    describe_task works on a model instance and translates its message per call; a snapshot
+    describes every task of the class at once, so the translations and the queue-wide
+    values are looked up once per snapshot here. tests/test_consumers.py checks that both
+    give the same dict for every state a task can be in.
+    """
+
+    def __init__(self, overview: QueueOverview, run_seconds: float):
+        self.overview = overview
+        self.run_seconds = run_seconds
+        self.queue_fields = {
+            "max_concurrent": overview.max_concurrent,
+            "processing_count": overview.processing_count,
+            "queue_length": overview.queue_length,
+            "paused": overview.paused,
+        }
+        self.paused_message = _("The queue is paused by the teacher; %(count)d ahead of you.")
+        self.starting_message = _("Starting now.")
+        self.busy_message = _("The system is busy: %(count)d ahead of you in the queue.")
+        self.fixed_messages = {
+            TaskStatus.COMPLETED: _("Finished."),
+            TaskStatus.CANCELLED: _("Cancelled."),
+        }
+        self.stopping_message = _("Stopping the run…")
+        self.running_message = _("Running.")
+        self.failed_message = _("The run failed.")
+
+    def message(self, row, position: int) -> str:
+        # The same decisions as queue.status_message.
+        status = row[_STATUS]
+        if status == TaskStatus.QUEUED:
+            if self.overview.paused:
+                return self.paused_message % {"count": position}
+            if position <= self.overview.available_slots:
+                return self.starting_message
+            return self.busy_message % {"count": position}
+        if status == TaskStatus.PROCESSING:
+            return self.stopping_message if row[_CANCEL_REQUESTED_AT] else self.running_message
+        fixed = self.fixed_messages.get(status)
+        if fixed is not None:
+            return fixed
+        return row[_ERROR_MESSAGE] or self.failed_message
+
+    def describe(self, row, position: int) -> dict:
+        task_id = str(row[_ID])
+        started_at, finished_at = row[_STARTED_AT], row[_FINISHED_AT]
+        return {
+            "task_id": task_id,
+            "prompt_id": task_id,
+            "status": row[_STATUS],
+            "reason": row[_REASON],
+            "position": position,
+            "estimated_wait_seconds": estimated_wait_seconds(
+                position, self.overview.max_concurrent, self.run_seconds
+            ),
+            "message": self.message(row, position),
+            "username": row[_USERNAME],
+            "port": row[_PORT],
+            "queued_at": row[_QUEUED_AT].isoformat(),
+            "started_at": started_at.isoformat() if started_at else None,
+            "finished_at": finished_at.isoformat() if finished_at else None,
+            "error": row[_COMFY_ERROR],
+            "node_errors": row[_NODE_ERRORS] or {},
+            **self.queue_fields,
+        }
 
 
 @dataclass(frozen=True)
@@ -109,11 +203,13 @@ def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     queue_settings = QueueSettings.load()
     run_seconds = typical_run_seconds()
     shown_filter = Q(status__in=ACTIVE_STATUSES) | Q(finished_at__gte=timezone.now() - RECENTLY_FINISHED)
-    described = Task.objects.only(*DESCRIBED_FIELDS).select_related("owner")
+    described = Task.objects.values_list(*_described_fields())
     if owner_id is None:
         shown = list(described.filter(shown_filter))
         active = [
-            (task.id, task.status, task.queue_order, task.queued_at) for task in shown if not task.is_terminal
+            (row[_ID], row[_STATUS], row[_QUEUE_ORDER], row[_QUEUED_AT])
+            for row in shown
+            if row[_STATUS] not in _TERMINAL
         ]
     else:
         # Positions and counts need everyone's waiting and running tasks, but only a few
@@ -135,40 +231,41 @@ def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     # Submitted after the positions were read (owner_id only): behind everyone seen.
     unranked = len(rank) + 1
     queued = sorted(
-        (task for task in shown if task.status == TaskStatus.QUEUED),
-        key=lambda task: rank.get(task.id, unranked),
+        (row for row in shown if row[_STATUS] == TaskStatus.QUEUED),
+        key=lambda row: rank.get(row[_ID], unranked),
     )
     running = sorted(
-        (task for task in shown if task.status == TaskStatus.PROCESSING), key=lambda t: t.started_at
+        (row for row in shown if row[_STATUS] == TaskStatus.PROCESSING), key=lambda row: row[_STARTED_AT]
     )
-    finished = sorted((task for task in shown if task.is_terminal), key=lambda t: t.finished_at, reverse=True)
-    shown = running + queued + finished
-    states = {
-        task.id: describe_task(
-            task,
-            overview=overview,
-            position=rank.get(task.id, unranked) if task.status == TaskStatus.QUEUED else 0,
-            run_seconds=run_seconds,
-        )
-        for task in shown
-    }
-
-    tasks_by_owner: dict[int, list[dict]] = {}
+    finished = sorted(
+        (row for row in shown if row[_STATUS] in _TERMINAL), key=lambda row: row[_FINISHED_AT], reverse=True
+    )
+    describer = _Describer(overview, run_seconds)
+    running_states = [describer.describe(row, 0) for row in running]
+    queued_states = [describer.describe(row, rank.get(row[_ID], unranked)) for row in queued]
     finished_shown = Counter()
-    for task in shown:
-        if task.is_terminal:
-            if finished_shown[task.owner_id] == FINISHED_PER_OWNER:
-                continue
-            finished_shown[task.owner_id] += 1
-        tasks_by_owner.setdefault(task.owner_id, []).append(states[task.id])
+    finished_rows = []
+    for position, row in enumerate(finished):
+        # Only what some list shows: the newest few per owner, and the board's newest.
+        owner_shown = finished_shown[row[_OWNER_ID]] < FINISHED_PER_OWNER
+        if owner_shown:
+            finished_shown[row[_OWNER_ID]] += 1
+        if owner_shown or (owner_id is None and position < FINISHED_ON_BOARD):
+            finished_rows.append((row, owner_shown, position))
+    tasks_by_owner: dict[int, list[dict]] = {}
+    for row, state in zip(running + queued, running_states + queued_states, strict=True):
+        tasks_by_owner.setdefault(row[_OWNER_ID], []).append(state)
+    board_finished = []
+    for row, owner_shown, position in finished_rows:
+        state = describer.describe(row, 0)
+        if position < FINISHED_ON_BOARD:
+            board_finished.append(state)
+        if owner_shown:
+            tasks_by_owner.setdefault(row[_OWNER_ID], []).append(state)
 
     board = None
     if owner_id is None:
-        board = {
-            "running": [states[task.id] for task in running],
-            "waiting": [states[task.id] for task in queued],
-            "finished": [states[task.id] for task in finished[:FINISHED_ON_BOARD]],
-        }
+        board = {"running": running_states, "waiting": queued_states, "finished": board_finished}
     return QueueSnapshot(as_of, _queue_summary(overview, run_seconds), tasks_by_owner, board)
 
 
@@ -181,16 +278,40 @@ def read_viewer_state(viewer: Viewer) -> dict:
 
 def snapshot_events(snapshot: QueueSnapshot) -> dict[str, dict]:
     """The channel-layer event for each group, with every part pre-rendered as JSON bytes."""
+    # A task's state is in its owner's list and on the board: render each one once and join
+    # the lists from the parts (the same bytes as rendering each list whole).
+    rendered: dict[int, bytes] = {}
+
+    def rendered_list(states: list[dict]) -> bytes:
+        parts = []
+        for state in states:
+            part = rendered.get(id(state))
+            if part is None:
+                part = rendered[id(state)] = _rendered(state)
+            parts.append(part)
+        return b"[" + b",".join(parts) + b"]"
+
     owners_event = {
         "type": SNAPSHOT_EVENT,
         "as_of": snapshot.as_of,
         "queue": _rendered(snapshot.queue),
         # msgpack map keys must be strings.
-        "tasks": {str(owner): _rendered(tasks) for owner, tasks in snapshot.tasks_by_owner.items()},
+        "tasks": {str(owner): rendered_list(tasks) for owner, tasks in snapshot.tasks_by_owner.items()},
     }
     events = {OWNERS_GROUP: owners_event}
     if snapshot.board is not None:
-        events[TEACHERS_GROUP] = {**owners_event, "board": _rendered(snapshot.board)}
+        board = b"".join(
+            [
+                b'{"running":',
+                rendered_list(snapshot.board["running"]),
+                b',"waiting":',
+                rendered_list(snapshot.board["waiting"]),
+                b',"finished":',
+                rendered_list(snapshot.board["finished"]),
+                b"}",
+            ]
+        )
+        events[TEACHERS_GROUP] = {**owners_event, "board": board}
     return events
 
 
