@@ -306,7 +306,8 @@ def running_stack(workdir: Path, options: StackOptions):
             [
                 *(sys.executable, "-m", "uvicorn", "teaching.asgi:application"),
                 *("--host", "127.0.0.1", "--port", str(django_port), "--workers", str(options.web_workers)),
-                *("--proxy-headers", "--ws-ping-interval", "20", "--no-access-log", "--log-level", "warning"),
+                *("--proxy-headers", "--ws-ping-interval", "20", "--ws-per-message-deflate", "false"),
+                *("--no-access-log", "--log-level", "warning"),
             ],
             log=workdir / "web.log",
             env=env,
