@@ -9,7 +9,11 @@ never got it.
 
     .venv/bin/python bench/ws_bench.py                  # 300 sockets, 20 rounds
     .venv/bin/python bench/ws_bench.py --sockets 100 --rounds 50
-    .venv/bin/python bench/ws_bench.py --no-compression   # uvicorn without permessage-deflate
+    .venv/bin/python bench/ws_bench.py --compression      # let clients negotiate permessage-deflate
+
+The server runs as in production (scripts/run.sh): uvicorn with permessage-deflate off.
+Two latencies are reported: from the broadcast call (the snapshot read included) and from
+the channel layer's group_send (the fan-out alone: Redis, the server, the sockets).
 
 The sockets are held by two client processes, apart from the sender, so that reading 300
 frames never delays the broadcast being timed; all of them, Redis and the server share the
@@ -187,10 +191,21 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
     """The sender's side, in one event loop for the whole run as in the dispatcher (the
     channel layer keeps its Redis connections per loop)."""
     from asgiref.sync import sync_to_async
+    from channels.layers import get_channel_layer
     from django.conf import settings
 
     from comfyproxy.services import broadcast, queue
 
+    # When the broadcast reaches the channel layer, to tell the fan-out from the snapshot read.
+    layer = get_channel_layer()
+    group_sends: list[float] = []
+    untimed_group_send = layer.group_send
+
+    async def timed_group_send(group, message):
+        group_sends.append(time.time())
+        await untimed_group_send(group, message)
+
+    layer.group_send = timed_group_send
     spawn = multiprocessing.get_context("spawn")
     indexed = [(index, session) for index, (_student, _task, session) in enumerate(students)]
     pipes, clients = [], []
@@ -209,8 +224,10 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
         if await loop.run_in_executor(None, pipe.recv) != "ready":
             raise RuntimeError("a client process failed to connect")
     connect_s = time.perf_counter() - connecting
+    print(f"all {len(students)} sockets connected; broadcasting", file=sys.stderr, flush=True)
 
     latencies_ms: list[float] = []
+    fanout_ms: list[float] = []
     round_ms: list[float] = []
     send_ms: list[float] = []
     lost = 0
@@ -218,8 +235,10 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
     for head in range(rounds):
         student, task, _session = students[head]
         await sync_to_async(queue.cancel_task)(actor=student, task=task)
+        group_sends.clear()
         started = time.time()
         await broadcast.broadcast_queue_snapshot()
+        snapshot_ms = (group_sends[0] - started) * 1000
         send_ms.append((time.time() - started) * 1000)
         for pipe in pipes:
             pipe.send(started)
@@ -227,6 +246,7 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
         delivered = [arrival for arrival in arrivals if arrival is not None]
         lost += len(arrivals) - len(delivered)
         latencies_ms.extend(delivered)
+        fanout_ms.extend(arrival - snapshot_ms for arrival in delivered)
         if delivered:
             round_ms.append(max(delivered))
     server_cpu_ms = (cpu_seconds(server_pid) - server_cpu_before) * 1000 / rounds
@@ -234,6 +254,7 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
         client.join(timeout=30)
     return {
         "latencies_ms": latencies_ms,
+        "fanout_ms": fanout_ms,
         "round_ms": round_ms,
         "lost": lost,
         "connect_s": connect_s,
@@ -266,9 +287,9 @@ def main() -> None:
     parser.add_argument("--sockets", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
-        "--no-compression",
+        "--compression",
         action="store_true",
-        help="run uvicorn with --ws-per-message-deflate false (browsers otherwise negotiate it)",
+        help="run uvicorn with permessage-deflate on (its default, which browsers negotiate)",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ws_bench.json")
     args = parser.parse_args()
@@ -288,7 +309,7 @@ def main() -> None:
         port = free_port()
         command = [sys.executable, "-m", "uvicorn", "teaching.asgi:application"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        if args.no_compression:
+        if not args.compression:
             command += ["--ws-per-message-deflate", "false"]
         server = subprocess.Popen(
             command,
@@ -296,6 +317,8 @@ def main() -> None:
             env={**os.environ, **env},
         )
         wait_for_port(port, timeout=30, process=server)
+        # For attaching a profiler (py-spy record --pid) to the server under load.
+        print(f"server pid {server.pid}", file=sys.stderr, flush=True)
         result = asyncio.run(measure(f"ws://127.0.0.1:{port}", server.pid, students, args.rounds))
     finally:
         if server is not None:
@@ -306,12 +329,15 @@ def main() -> None:
     latencies, rounds = result["latencies_ms"], result["round_ms"]
     summary = {
         "sockets": args.sockets,
-        "compression": not args.no_compression,
+        "compression": args.compression,
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "rounds": args.rounds,
         "deliveries": len(latencies),
         "lost": result["lost"],
         "delivery_p50_ms": round(statistics.median(latencies), 1),
         "delivery_p99_ms": round(p99(latencies), 1),
+        "fanout_p50_ms": round(statistics.median(result["fanout_ms"]), 1),
+        "fanout_p99_ms": round(p99(result["fanout_ms"]), 1),
         "last_socket_p50_ms": round(statistics.median(rounds), 1),
         "last_socket_max_ms": round(max(rounds), 1),
         "snapshot_and_send_p50_ms": round(statistics.median(result["send_ms"]), 1),
