@@ -43,11 +43,9 @@ def submit_prompt(request, username: str, port: str):
         if not request.user.is_authenticated:
             raise errors.NotAuthenticated()
         body = read_json_body(request)
-        owner = queue.resolve_owner(username)
-        task = queue.submit_task(actor=request.user, owner=owner, body=body, port=int(port))
+        state = queue.submit_and_describe(actor=request.user, username=username, body=body, port=int(port))
     except errors.QueueError as error:
         return comfy_error_response(error)
-    state = queue.describe_task(task)
     return JsonResponse(
         {
             "prompt_id": state["prompt_id"],

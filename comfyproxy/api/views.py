@@ -63,9 +63,7 @@ class ExecuteView(APIView):
                 status=415,
             )
         body = read_json_body(request)
-        owner = queue.resolve_owner(username)
-        task = queue.submit_task(actor=request.user, owner=owner, body=body)
-        return Response(queue.describe_task(task))
+        return Response(queue.submit_and_describe(actor=request.user, username=username, body=body))
 
 
 class TaskStatusView(APIView):

@@ -1,0 +1,109 @@
+"""What one submission costs the database, and that its cheaper answer says what describe_task says.
+
+A class submits at once (100 a second), so every query on the submit path counts. These run
+on SQLite and again on PostgreSQL (`-m postgres` with DATABASE_URL set).
+"""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from comfyproxy.models import ComfyInstance, QueueSettings, Task, TaskStatus
+from comfyproxy.services import queue
+
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("fast_password_hashing")]
+
+WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}}}
+PORT = 8189
+
+
+@pytest.fixture
+def alice(student, register_instance):
+    register_instance(student, PORT)
+    return student
+
+
+def submit_as_page(client, username="alice", port=PORT):
+    return client.post(
+        f"/comfyui/{username}/{port}/prompt",
+        data=json.dumps({"prompt": WORKFLOW, "client_id": "page"}),
+        content_type="application/json",
+    )
+
+
+def test_a_students_submission_reads_them_and_the_settings_once(alice, comfy_client_for):
+    client = comfy_client_for(alice)
+    assert submit_as_page(client).status_code == 200  # the instance's activity is now fresh
+    with CaptureQueriesContext(connection) as captured:
+        response = submit_as_page(client)
+    assert response.status_code == 200
+    statements = [query["sql"] for query in captured.captured_queries]
+    assert sum('"auth_user"' in sql for sql in statements) == 1, statements
+    assert sum("comfyproxy_queuesettings" in sql for sql in statements) == 1, statements
+    assert not any(sql.startswith("UPDATE") for sql in statements), statements
+    # session, user, settings, instance (locked), the student's active count, insert, the
+    # reply's counts; plus BEGIN and COMMIT where the backend logs them (SQLite).
+    assert len(statements) <= 9, statements
+    assert response.json()["queue"]["position"] == 2
+
+
+def test_a_teacher_submitting_for_a_student_queues_it_as_the_students(alice, teacher, comfy_client_for):
+    response = submit_as_page(comfy_client_for(teacher, alice.comfy_instance))
+    assert response.status_code == 200
+    task = Task.objects.get(pk=response.json()["prompt_id"])
+    assert (task.owner, task.submitted_by) == (alice, teacher)
+
+
+def test_a_submission_refreshes_stale_activity_only(alice):
+    stale = timezone.now() - queue.ACTIVITY_RESOLUTION - timedelta(seconds=5)
+    ComfyInstance.objects.filter(user=alice).update(last_activity_at=stale)
+    queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW})
+    refreshed = ComfyInstance.objects.get(user=alice).last_activity_at
+    assert refreshed > stale
+
+    recent = timezone.now() - queue.ACTIVITY_RESOLUTION + timedelta(seconds=10)
+    ComfyInstance.objects.filter(user=alice).update(last_activity_at=recent)
+    queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW})
+    assert ComfyInstance.objects.get(user=alice).last_activity_at == recent
+
+
+def test_a_never_active_instance_is_marked_active_by_a_submission(alice):
+    ComfyInstance.objects.filter(user=alice).update(last_activity_at=None)
+    queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW})
+    assert ComfyInstance.objects.get(user=alice).last_activity_at is not None
+
+
+def test_the_new_tasks_answer_is_describe_tasks_for_every_place_in_the_queue(
+    make_student, make_task, queue_settings
+):
+    """Ties on queue_order, then on queued_at (including a whole second, which SQLite stores
+    without a fraction), are ordered as queue_position orders them."""
+    owner = make_student("dora")
+    base = timezone.now().replace(microsecond=0) - timedelta(minutes=5)
+    for status in (TaskStatus.PROCESSING, TaskStatus.PROCESSING, TaskStatus.COMPLETED, TaskStatus.FAILED):
+        make_task(owner, status=status, queued_at=base - timedelta(minutes=1))
+    queued = [make_task(owner, queued_at=base + timedelta(seconds=index)) for index in range(8)]
+    # Same queue_order: the first two by queued_at (a whole second against a fraction of it),
+    # the rest by id, whichever way their ids happen to sort.
+    tied_order = queued[3].queue_order
+    Task.objects.filter(pk=queued[2].pk).update(queue_order=tied_order, queued_at=base + timedelta(seconds=3))
+    Task.objects.filter(pk=queued[3].pk).update(
+        queue_order=tied_order, queued_at=base + timedelta(seconds=3, microseconds=1)
+    )
+    later = {"queue_order": tied_order + 1, "queued_at": base + timedelta(seconds=9)}
+    Task.objects.filter(pk__in=[task.pk for task in queued[4:7]]).update(**later)
+
+    for paused in (False, True):
+        queue_settings.paused = paused
+        queue_settings.max_concurrent_override = 3
+        queue_settings.save()
+        positions = []
+        for task in Task.objects.all():
+            expected = queue.describe_task(task)
+            assert queue.describe_new_task(task, QueueSettings.load()) == expected
+            positions.append(expected["position"])
+        assert sorted(position for position in positions if position) == list(range(1, 9))
