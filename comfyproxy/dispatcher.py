@@ -142,21 +142,24 @@ class Database:
 class SnapshotPublisher:
     """Sends the live queue state after changes, coalesced and kept off the hand-off path.
 
-    A snapshot of a full class takes tens to hundreds of milliseconds of CPU in this
-    process, and threads share one interpreter lock, so: at most one send in flight, one
-    more afterwards if anything changed meanwhile (a burst of 300 submissions costs a
-    handful of sends, not 300), a short settle delay so the hand-off that caused a change
-    reaches ComfyUI first, and a pause after each send of twice its duration (at least
-    MIN_GAP_SECONDS), so snapshots never take more than a third of the process's time.
+    A snapshot of a full class takes about 15 ms of CPU in this process (300 tasks), and
+    threads share one interpreter lock, so: at most one send in flight, one more afterwards
+    if anything changed meanwhile (a burst of 300 submissions costs a handful of sends, not
+    300), a short settle delay so the hand-off that caused a change is in the snapshot, no
+    build while a hand-off is under way (`handoff_idle`, waited for up to MAX_DEFER_SECONDS),
+    and a pause after each send of twice its duration (at least MIN_GAP_SECONDS), so
+    snapshots never take more than a third of the process's time.
     """
 
     SETTLE_SECONDS = 0.02
-    MIN_GAP_SECONDS = 0.2
+    MIN_GAP_SECONDS = 0.05
+    MAX_DEFER_SECONDS = 0.1
 
-    def __init__(self):
+    def __init__(self, handoff_idle: asyncio.Event | None = None):
         self._pending = False
         self._task: asyncio.Task | None = None
         self._next_allowed = -math.inf
+        self._handoff_idle = handoff_idle
 
     def request(self) -> None:
         self._pending = True
@@ -166,6 +169,10 @@ class SnapshotPublisher:
     async def _send_while_pending(self) -> None:
         while self._pending:
             await asyncio.sleep(max(self.SETTLE_SECONDS, self._next_allowed - time.monotonic()))
+            if self._handoff_idle is not None and not self._handoff_idle.is_set():
+                # A claim or POST /prompt would wait for the interpreter lock behind the build.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._handoff_idle.wait(), self.MAX_DEFER_SECONDS)
             self._pending = False
             began = time.monotonic()
             try:
@@ -208,6 +215,7 @@ class TaskRun:
         self._stop_sent: str | None = None  # "cancel" or "timeout" once we asked ComfyUI to stop
         self._stop_deadline: float | None = None
         self._submit_error: ComfyError | None = None
+        self.handing_off = False  # claimed and not yet answered by ComfyUI (see Dispatcher)
         began = self.task.submitted_at or self.task.started_at or timezone.now()
         elapsed = (timezone.now() - began).total_seconds()
         self.deadline = time.monotonic() + max(assignment.run_timeout_seconds - elapsed, 0.0)
@@ -231,6 +239,14 @@ class TaskRun:
             await self._record(outcome)
         except (Detached, dispatch.LeaseLost) as reason:
             log_event("detached", self.task, why=type(reason).__name__)
+        finally:
+            self.end_handoff()
+
+    def end_handoff(self) -> None:
+        """The claim that started this run is handed on: ComfyUI answered the POST (or never will)."""
+        if self.handing_off:
+            self.handing_off = False
+            self.dispatcher.handoff_ended()
 
     async def _outcome(self) -> dispatch.Outcome:
         if self.resumed:
@@ -281,6 +297,8 @@ class TaskRun:
             log_event("submit_uncertain", self.task, level=logging.WARNING, error=repr(str(error)))
             self._submit_error = error
             return None
+        finally:
+            self.end_handoff()
         if isinstance(result, PromptLocation):
             log_event("submit_found", self.task, state=result.state.value)
             await self._confirm(None)
@@ -458,7 +476,12 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stop_requests = 0
-        self._publisher = SnapshotPublisher()
+        # Set while no claim or submission is under way: snapshots are built then.
+        self._handoff_idle = asyncio.Event()
+        self._handoff_idle.set()
+        self._handoffs = 0
+        self._dispatching = False
+        self._publisher = SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.
@@ -568,6 +591,15 @@ class Dispatcher:
         It also tells runs about cancel requests and, every poll period, fails queued tasks
         whose instance is gone; it skips what no change since the last pass can have affected.
         """
+        self._dispatching = True
+        self._note_handoff_state()
+        try:
+            return await self._dispatch()
+        finally:
+            self._dispatching = False
+            self._note_handoff_state()
+
+    async def _dispatch(self) -> int:
         started = 0
         while not self._slots_full and not self._stopping.is_set():
             claim = await self.db.call(dispatch.claim, self.current_lease())
@@ -609,12 +641,18 @@ class Dispatcher:
 
     def _start_run(self, assignment: dispatch.Assignment, *, resumed: bool) -> TaskRun:
         run = TaskRun(self, assignment, resumed=resumed)
+        if not resumed:
+            # From the claim until ComfyUI answers the POST: no snapshot is built meanwhile.
+            run.handing_off = True
+            self._handoffs += 1
+            self._note_handoff_state()
         self.runs[assignment.task.id] = run
         run.asyncio_task = asyncio.create_task(run.follow(), name=f"run {assignment.task.id}")
         run.asyncio_task.add_done_callback(lambda _done: self._run_ended(run))
         return run
 
     def _run_ended(self, run: TaskRun) -> None:
+        run.end_handoff()  # also when it was cancelled before it began
         if self.runs.get(run.task.id) is run:
             del self.runs[run.task.id]
 
@@ -648,6 +686,17 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+        self._note_handoff_state()
+
+    def _note_handoff_state(self) -> None:
+        if self._wake.is_set() or self._dispatching or self._handoffs:
+            self._handoff_idle.clear()
+        else:
+            self._handoff_idle.set()
+
+    def handoff_ended(self) -> None:
+        self._handoffs -= 1
+        self._note_handoff_state()
 
     async def _wait_for_work(self) -> None:
         timeout = (
@@ -746,6 +795,7 @@ class Dispatcher:
             while not self._stopping.is_set():
                 await self._wait_for_work()
                 if self._stopping.is_set() or not self.holds_lease():
+                    self._note_handoff_state()
                     continue
                 try:
                     await self.dispatch_step()
