@@ -1,5 +1,6 @@
 """The queue WebSocket through the project's ASGI stack (session auth, origin checks, Redis layer)."""
 
+import asyncio
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from django.conf import settings
 from django.test import Client
 from django.utils import timezone
 
-from comfyproxy.channel_layer import SharedDecodePubSubChannelLayer
+from comfyproxy.channel_layer import SharedDecodePubSubChannelLayer, start_eagerly
 from comfyproxy.models import Task, TaskStatus
 from comfyproxy.services import broadcast, queue
 from teaching.asgi import application
@@ -201,6 +202,97 @@ async def test_what_a_client_sends_is_ignored(student, submit):
     frame = await communicator.receive_json_from(timeout=5)
     assert frame["tasks"][0]["status"] == "cancelled"
     await communicator.disconnect()
+
+
+def stalling(app, stalled: asyncio.Event, released: asyncio.Event):
+    """`app`, but a frame sent while `stalled` is set waits for `released`, as a send into a
+    socket whose client stopped reading waits for its buffer to drain."""
+
+    async def wrapped(scope, receive, send):
+        async def send_when_the_client_reads(message):
+            if message["type"] == "websocket.send" and stalled.is_set():
+                await released.wait()
+            await send(message)
+
+        await app(scope, receive, send_when_the_client_reads)
+
+    return wrapped
+
+
+async def test_a_socket_whose_client_stops_reading_holds_up_no_other(cap_one, make_student, submit):
+    students = [await sync_to_async(make_student)() for _ in range(4)]
+    tasks = [await sync_to_async(submit)(student) for student in students]
+    stalled, released = asyncio.Event(), asyncio.Event()
+    slow_headers = [
+        (b"origin", settings.SITE_ORIGIN.encode()),
+        (b"host", b"127.0.0.1:8080"),
+        (b"cookie", await sync_to_async(session_cookie)(students[3])),
+    ]
+    slow = WebsocketCommunicator(stalling(application, stalled, released), QUEUE_PATH, headers=slow_headers)
+    assert (await slow.connect())[0]
+    assert (await slow.receive_json_from())["tasks"][0]["position"] == 4
+    fast, _frame = await connected(await sync_to_async(session_cookie)(students[2]))
+    stalled.set()
+
+    # Three changes while the slow client reads nothing: the other socket gets each at once.
+    for head in range(3):
+        await sync_to_async(queue.cancel_task)(actor=students[head], task=tasks[head])
+        await broadcast.broadcast_queue_snapshot()
+        (own,) = (await fast.receive_json_from(timeout=5))["tasks"]
+        assert (own["status"], own["position"]) == (("queued", 2 - head) if head < 2 else ("cancelled", 0))
+    assert await slow.receive_nothing(timeout=0.1)
+
+    # Once it reads again: the frame it was being sent, then only the newest state.
+    released.set()
+    assert (await slow.receive_json_from(timeout=5))["tasks"][0]["position"] == 3
+    (own,) = (await slow.receive_json_from(timeout=5))["tasks"]
+    assert (own["status"], own["position"]) == ("queued", 1)
+    assert await slow.receive_nothing()
+    for communicator in (slow, fast):
+        await communicator.disconnect()
+
+
+async def test_started_eagerly_a_coroutine_that_never_waits_is_done_without_a_task():
+    done = []
+
+    async def send_now():
+        done.append("sent")
+
+    assert start_eagerly(send_now()) is None
+    assert done == ["sent"]
+
+
+async def test_started_eagerly_a_coroutine_that_waits_is_finished_by_a_task():
+    room = asyncio.Event()
+    steps = []
+
+    async def send_when_there_is_room():
+        steps.append("tried")
+        await room.wait()
+        steps.append("sent")
+        return "frame"
+
+    task = start_eagerly(send_when_there_is_room())
+    assert steps == ["tried"]
+    room.set()
+    assert await task == "frame"
+    assert steps == ["tried", "sent"]
+
+
+async def test_cancelling_an_eagerly_started_send_reaches_the_coroutine():
+    cleaned_up = asyncio.Event()
+
+    async def send_forever():
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned_up.set()
+
+    task = start_eagerly(send_forever())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned_up.is_set()
 
 
 def test_frames_are_valid_json_with_chinese_text_and_own_tasks_only(student, other_student, submit):
