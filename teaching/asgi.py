@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP through Django, WebSockets through Channels."""
 
 import os
+from importlib import import_module
 
 from django.core.asgi import get_asgi_application
 
@@ -8,18 +9,42 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "teaching.settings")
 # Set up Django (apps, settings) before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.auth import get_user  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.sessions import CookieMiddleware  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from comfyproxy.middleware import WebSocketOutageGuard  # noqa: E402
 from comfyproxy.routing import websocket_urlpatterns  # noqa: E402
+
+
+class SessionUserMiddleware:
+    """`scope["session"]` and `scope["user"]` from the session cookie, read at the handshake.
+
+    What Channels' AuthMiddlewareStack provides, minus its session middleware's wrapper
+    around every message sent, which saves a session the socket modified: queue sockets
+    never modify it, and the wrapper cost a tenth of a broadcast's CPU at 300 sockets.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.session_store = import_module(settings.SESSION_ENGINE).SessionStore
+
+    async def __call__(self, scope, receive, send):
+        session = self.session_store(scope["cookies"].get(settings.SESSION_COOKIE_NAME))
+        scope = dict(scope, session=session)
+        scope["user"] = await get_user(scope)
+        return await self.app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": WebSocketOutageGuard(
-            AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            AllowedHostsOriginValidator(
+                CookieMiddleware(SessionUserMiddleware(URLRouter(websocket_urlpatterns)))
+            )
         ),
     }
 )

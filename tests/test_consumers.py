@@ -81,6 +81,29 @@ async def test_anonymous_socket_is_refused():
     assert not accepted
 
 
+def end_sessions_by_logout(user) -> None:
+    from django.contrib.sessions.models import Session
+
+    for session in Session.objects.all():
+        if session.get_decoded().get("_auth_user_id") == str(user.pk):
+            session.delete()
+
+
+def change_password(user) -> None:
+    user.set_password("a-new-password")
+    user.save()
+
+
+@pytest.mark.parametrize("ending", [end_sessions_by_logout, change_password])
+async def test_a_session_that_has_ended_opens_no_socket(student, ending):
+    cookie = await sync_to_async(session_cookie)(student)
+    await sync_to_async(ending)(student)
+
+    accepted, _ = await socket(cookie).connect()
+
+    assert not accepted
+
+
 async def test_socket_opened_from_another_origin_is_refused(student):
     cookie = await sync_to_async(session_cookie)(student)
     for origin in ("https://evil.example", settings.COMFY_PUBLIC_ORIGIN):
