@@ -216,6 +216,7 @@ class TaskRun:
         self._stop_deadline: float | None = None
         self._submit_error: ComfyError | None = None
         self.handing_off = False  # claimed and not yet answered by ComfyUI (see Dispatcher)
+        self._accepted = False  # this run's POST was accepted (not found there, not uncertain)
         began = self.task.submitted_at or self.task.started_at or timezone.now()
         elapsed = (timezone.now() - began).total_seconds()
         self.deadline = time.monotonic() + max(assignment.run_timeout_seconds - elapsed, 0.0)
@@ -259,16 +260,21 @@ class TaskRun:
             if location.known:
                 await self._confirm(None)
                 log_event("reattached", self.task, state=location.state.value)
-                return await self._watch()
+                async with self._watching():
+                    return await self._watch()
             if self.confirmed:
                 return dispatch.lost()
             # Claimed but it never reached ComfyUI (the last dispatcher died in between).
             if self.cancel_requested:
                 return dispatch.cancelled()
-        failed = await self._submit()
-        if failed is not None:
-            return failed
-        return await self._watch()
+        # Listen to the instance's socket before the POST: no frame about this prompt can
+        # then be missed, so right after ComfyUI accepted it there is nothing to read yet
+        # unless the socket says so (it does on connecting, too).
+        async with self._watching():
+            failed = await self._submit()
+            if failed is not None:
+                return failed
+            return await self._watch(check_first=not self._accepted)
 
     def _lease(self) -> dispatch.Lease:
         return self.dispatcher.current_lease()
@@ -303,6 +309,7 @@ class TaskRun:
             log_event("submit_found", self.task, state=result.state.value)
             await self._confirm(None)
             return self._outcome_of(result) if result.state is PromptState.FINISHED else None
+        self._accepted = True
         await self._confirm(result)
         return None
 
@@ -336,39 +343,48 @@ class TaskRun:
                     return dispatch.comfy_failed(error)
             await self._wait(until=time.monotonic() + self.RETRY_SECONDS)
 
-    async def _watch(self) -> dispatch.Outcome:
+    def _watching(self):
+        """While inside, frames from the instance that may end a prompt set `_attention`."""
+        return self.dispatcher.watchers.watch(self.base_url, self._attention)
+
+    async def _watch(self, *, check_first: bool = True) -> dispatch.Outcome:
         """Wait for the prompt's history entry: read it whenever the instance's socket reports
-        something that may end a prompt, and on a slow poll in case a frame was lost."""
-        async with self.dispatcher.watchers.watch(self.base_url, self._attention):
-            next_thorough = time.monotonic() + self.config.completion_poll_seconds
-            silent_since: float | None = None
-            while True:
-                now = time.monotonic()
-                # The thorough check also reads /queue, which tells a lost prompt from a running one.
-                thorough = now >= next_thorough or self._stop_sent is not None
-                try:
-                    if thorough:
-                        next_thorough = now + self.config.completion_poll_seconds
-                        location = await self.comfy.locate(self.base_url, str(self.task.id))
-                        if location.state is PromptState.UNKNOWN:
-                            return self._vanished()
-                        entry = location.history
-                    else:
-                        entry = await self.comfy.history(self.base_url, str(self.task.id))
-                except ComfyError as error:
-                    silent_since = silent_since or now
-                    if now - silent_since >= self.config.unreachable_grace_seconds:
-                        return self._after_stop(confirmed=False) or dispatch.comfy_failed(error)
-                    next_thorough = min(next_thorough, now + self.RETRY_SECONDS)
+        something that may end a prompt, and on a slow poll in case a frame was lost.
+
+        Call it inside `_watching()`. Without `check_first` (we watched the socket since
+        before ComfyUI accepted the prompt) the first read waits for the socket too.
+        """
+        next_thorough = time.monotonic() + self.config.completion_poll_seconds
+        silent_since: float | None = None
+        if not check_first:
+            await self._wait(until=min(next_thorough, self.deadline))
+        while True:
+            now = time.monotonic()
+            # The thorough check also reads /queue, which tells a lost prompt from a running one.
+            thorough = now >= next_thorough or self._stop_sent is not None
+            try:
+                if thorough:
+                    next_thorough = now + self.config.completion_poll_seconds
+                    location = await self.comfy.locate(self.base_url, str(self.task.id))
+                    if location.state is PromptState.UNKNOWN:
+                        return self._vanished()
+                    entry = location.history
                 else:
-                    silent_since = None
-                    if entry is not None:
-                        return self._outcome_of(PromptLocation(PromptState.FINISHED, entry))
-                await self._stop_if_due()
-                if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
-                    return self._after_stop(confirmed=False)
-                wake_at = [next_thorough, self._stop_deadline or self.deadline]
-                await self._wait(until=min(wake_at))
+                    entry = await self.comfy.history(self.base_url, str(self.task.id))
+            except ComfyError as error:
+                silent_since = silent_since or now
+                if now - silent_since >= self.config.unreachable_grace_seconds:
+                    return self._after_stop(confirmed=False) or dispatch.comfy_failed(error)
+                next_thorough = min(next_thorough, now + self.RETRY_SECONDS)
+            else:
+                silent_since = None
+                if entry is not None:
+                    return self._outcome_of(PromptLocation(PromptState.FINISHED, entry))
+            await self._stop_if_due()
+            if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                return self._after_stop(confirmed=False)
+            wake_at = [next_thorough, self._stop_deadline or self.deadline]
+            await self._wait(until=min(wake_at))
 
     async def _stop_if_due(self) -> None:
         """Interrupt the run in ComfyUI once it is cancelled or over time (once)."""
