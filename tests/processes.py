@@ -1,5 +1,6 @@
 """Small helpers for tests that run real servers: free ports, waiting for them, stopping them."""
 
+import os
 import random
 import socket
 import subprocess
@@ -108,3 +109,14 @@ def stop_process(process: subprocess.Popen, *, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=timeout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far: how far it got, whatever the load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def is_stopped(pid: int) -> bool:
+    """Has a SIGSTOP taken effect (state T), so that the process does nothing more until SIGCONT?"""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
