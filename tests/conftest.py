@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.test import Client
 from django.utils import timezone
 
@@ -20,6 +21,20 @@ from tests.processes import free_port_block
 pytest_plugins = ["tests.dispatcher_fixtures"]
 
 _usernames = itertools.count(1)
+
+
+class CheapPBKDF2PasswordHasher(PBKDF2PasswordHasher):
+    """Django's own PBKDF2 with a single iteration: a test user costs microseconds, not the
+    second of CPU a production hash takes (most tests make several). The iteration count is
+    part of each hash, so servers and commands the tests start check these passwords with
+    their usual hashers."""
+
+    iterations = 1
+
+
+@pytest.fixture(autouse=True)
+def _cheap_password_hashes(settings):
+    settings.PASSWORD_HASHERS = ["tests.conftest.CheapPBKDF2PasswordHasher"]
 
 
 @pytest.fixture
