@@ -10,8 +10,9 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from django.utils import timezone
+from django.utils import timezone, translation
 
+from comfyproxy import errors
 from comfyproxy.models import ComfyInstance, QueueSettings, Task, TaskStatus
 from comfyproxy.services import queue
 
@@ -107,3 +108,52 @@ def test_the_new_tasks_answer_is_describe_tasks_for_every_place_in_the_queue(
             assert queue.describe_new_task(task, QueueSettings.load()) == expected
             positions.append(expected["position"])
         assert sorted(position for position in positions if position) == list(range(1, 9))
+
+
+# --- The storability check: fast for real workflows, the same refusals as before --------------
+
+
+def nested(depth: int, innermost, opener=list):
+    """A value whose innermost item lies at `depth` inside the body (the body is depth 1)."""
+    value = innermost
+    for _ in range(depth - 4):
+        value = [value] if opener is list else {"k": value}
+    return {"prompt": {"1": {"inputs": value}}}  # body 1, prompt 2, node 3, inputs' value 4
+
+
+def refusal_of(body) -> str | None:
+    with translation.override("en"):
+        try:
+            queue.parse_submission(body)
+        except errors.InvalidPrompt as error:
+            return str(error.details)
+    return None
+
+
+@pytest.mark.parametrize("opener", [list, dict])
+def test_nesting_up_to_the_limit_is_stored_and_one_deeper_is_refused(opener):
+    limit = queue.MAX_JSON_DEPTH
+    for innermost in (1, "text", [], {}):
+        assert refusal_of(nested(limit, innermost, opener)) is None, innermost
+    for innermost in (1, "text", []):
+        assert refusal_of(nested(limit + 1, innermost, opener)) == "The workflow is nested too deeply."
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        ({"prompt": {"1": {"inputs": {"text": "a\x00b"}}}}, "The workflow contains a NUL character."),
+        ({"prompt": {"1": {"in\x00puts": {}}}}, "The workflow contains a NUL character."),
+        ({"prompt": {"1": {}}, "extra_data": {"x": ["ok", "\ud800"]}}, "not valid Unicode"),
+        ({"prompt": {"1": {"\udfff": 1}}}, "not valid Unicode"),
+        ({"prompt": {"1": {"inputs": {"text": "中文 ✓ \U0001f600"}}}}, None),
+        ({"prompt": {"1": {"inputs": {"a": None, "b": True, "c": 1.5, "d": -3}}}}, None),
+    ],
+)
+def test_text_no_database_or_utf8_takes_is_refused(body, refusal):
+    found = refusal_of(body)
+    if refusal is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert refusal in found

@@ -80,6 +80,60 @@ def parse_submission(body) -> Submission:
 def _check_storable(value) -> None:
     """Refuse what no database column takes and no UTF-8 can carry to ComfyUI: absurd
     nesting, NUL characters and lone surrogates (which JSON's "\\ud800" escape yields)."""
+    if not _plainly_storable(value):
+        _refuse_unstorable(value)
+
+
+def _plainly_storable(value) -> bool:
+    """The common case, fast: a real workflow's UI graph is thousands of strings, and checking
+    them one by one cost more than parsing the JSON. Collects them level by level and checks
+    them all at once; False means "look closer" (`_refuse_unstorable` then says what is wrong),
+    also for any type JSON does not produce."""
+    strings = []
+    level = [[value]]  # containers, each of whose items lie at `depth`
+    depth = 1
+    while level:
+        below = []
+        for container in level:
+            if not container:
+                continue
+            if depth > MAX_JSON_DEPTH:
+                return False
+            if type(container) is dict:
+                strings.extend(container)
+                items = container.values()
+            else:
+                items = container
+            for item in items:
+                kind = type(item)
+                if kind is str:
+                    strings.append(item)
+                elif kind is dict or kind is list:
+                    below.append(item)
+                elif kind not in _JSON_SCALARS:
+                    return False
+        level = below
+        depth += 1
+    try:
+        text = "".join(strings)
+    except TypeError:  # a key that is not text (never from JSON)
+        return False
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_JSON_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _refuse_unstorable(value) -> None:
+    """Walks `value` item by item and refuses the first thing it cannot store."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
