@@ -1,9 +1,12 @@
 """Small helpers for tests that run real servers: free ports, waiting for them, stopping them."""
 
+import contextlib
+import fcntl
 import os
 import random
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +15,27 @@ from pathlib import Path
 # it starts, which happened under the fault suite's hundreds of client sockets.
 _LOWEST_PORT = 20000
 _handed_out: set[int] = set()
+# Test runs side by side (scripts/test.sh runs SQLite and PostgreSQL at once, other people run
+# theirs) pick from the same range: a port handed out is also locked, as one byte at its offset
+# of this file, for as long as the process lives, so that no other run hands it out before its
+# server listens (or while a test relies on nothing listening there). The kernel drops the locks
+# when the process exits, however it exits.
+_PORT_LOCK_PATH = Path(tempfile.gettempdir()) / "comfyproxy-test-ports.lock"
+_port_lock_file = None
+
+
+def _reserve(block: range) -> bool:
+    global _port_lock_file
+    if _port_lock_file is None:
+        # Kept open for good: closing any descriptor of the file would drop all this process's locks.
+        _port_lock_file = _PORT_LOCK_PATH.open("a+b")
+        with contextlib.suppress(OSError):
+            _PORT_LOCK_PATH.chmod(0o666)
+    try:
+        fcntl.lockf(_port_lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB, len(block), block.start)
+    except OSError:
+        return False  # another live run holds (part of) it
+    return True
 
 
 def _ephemeral_low() -> int:
@@ -31,7 +55,7 @@ def free_port_block(count: int) -> int:
     for _attempt in range(500):
         first = random.randint(_LOWEST_PORT, highest_first)
         block = range(first, first + count)
-        if _handed_out.intersection(block):
+        if _handed_out.intersection(block) or not _reserve(block):
             continue
         socks = []
         try:
@@ -42,6 +66,7 @@ def free_port_block(count: int) -> int:
             _handed_out.update(block)
             return first
         except OSError:
+            fcntl.lockf(_port_lock_file, fcntl.LOCK_UN, count, first)
             continue
         finally:
             for sock in socks:

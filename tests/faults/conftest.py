@@ -10,6 +10,7 @@ Every run records its figures (durations, counts, seed) in test-artifacts/fault-
 prints them at the end of the session, so the README can quote them.
 """
 
+import fcntl
 import json
 import os
 import secrets
@@ -265,9 +266,14 @@ def fault_report(request):
     figures["passed"] = not getattr(request.node, "fault_run_failed", False)
     # One entry per test and database: the suite runs again on PostgreSQL (-m postgres).
     _reported[f"{request.node.name} ({connection.vendor})"] = figures
-    existing = json.loads(REPORT_PATH.read_text()) if REPORT_PATH.exists() else {}
     REPORT_PATH.parent.mkdir(exist_ok=True)
-    REPORT_PATH.write_text(json.dumps({**existing, **_reported}, indent=2, sort_keys=True) + "\n")
+    # The SQLite and PostgreSQL runs may write at once (scripts/test.sh runs them side by side).
+    with (REPORT_PATH.parent / ".fault-suite.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = json.loads(REPORT_PATH.read_text()) if REPORT_PATH.exists() else {}
+        partial = REPORT_PATH.with_suffix(".json.partial")
+        partial.write_text(json.dumps({**existing, **_reported}, indent=2, sort_keys=True) + "\n")
+        partial.replace(REPORT_PATH)
 
 
 @pytest.hookimpl(hookwrapper=True)
