@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import uvloop
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -144,7 +146,8 @@ def expected_state(index: int, head: int) -> tuple[str, int]:
 def run_clients(base_url: str, cookie_name: str, sockets: list[tuple[int, str]], rounds: int, pipe) -> None:
     """A process of its own holding some of the class's sockets, so that reading 300 frames
     never delays the sender being measured. Reports, per round, each socket's delay."""
-    asyncio.run(_run_clients(base_url, cookie_name, sockets, rounds, pipe))
+    # On uvloop like the class benchmark's clients: 300 browsers, played on the server's cores.
+    uvloop.run(_run_clients(base_url, cookie_name, sockets, rounds, pipe))
 
 
 async def _run_clients(base_url, cookie_name, sockets, rounds, pipe) -> None:
@@ -264,22 +267,31 @@ async def measure(base_url: str, server_pid: int, students, rounds: int) -> dict
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its children (uvicorn's workers) have used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:  # a child that has just exited
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98]
 
 
-def snapshot_size() -> dict:
+def snapshot_size(student_id: int) -> dict:
+    """Bytes of each group's broadcast, and of the frame one student's socket is sent."""
     import msgpack
 
     from comfyproxy.services import broadcast
 
     events = broadcast.snapshot_events(broadcast.read_queue_snapshot())
-    return {group: len(msgpack.packb(event)) for group, event in events.items()}
+    sizes = {group: len(msgpack.packb(event)) for group, event in events.items()}
+    frame = broadcast.render_frame(events[broadcast.OWNERS_GROUP], broadcast.Viewer(student_id))
+    sizes["student_frame"] = len(frame.encode())
+    return sizes
 
 
 def main() -> None:
@@ -290,6 +302,9 @@ def main() -> None:
         "--compression",
         action="store_true",
         help="run uvicorn with permessage-deflate on (its default, which browsers negotiate)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (scripts/run.sh runs one)"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ws_bench.json")
     args = parser.parse_args()
@@ -305,10 +320,12 @@ def main() -> None:
 
         django.setup()
         students = create_class(args.sockets)
-        sizes = snapshot_size()
+        sizes = snapshot_size(students[-1][0].pk)
         port = free_port()
         command = [sys.executable, "-m", "uvicorn", "teaching.asgi:application"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        if args.workers > 1:
+            command += ["--workers", str(args.workers)]
         if not args.compression:
             command += ["--ws-per-message-deflate", "false"]
         server = subprocess.Popen(
@@ -330,6 +347,7 @@ def main() -> None:
     summary = {
         "sockets": args.sockets,
         "compression": args.compression,
+        "workers": args.workers,
         "load_average": [round(load, 2) for load in os.getloadavg()],
         "rounds": args.rounds,
         "deliveries": len(latencies),
