@@ -1,6 +1,7 @@
 """Fixtures shared by the suite: people, instances, and clients logged in as them."""
 
 import itertools
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -35,6 +36,18 @@ class CheapPBKDF2PasswordHasher(PBKDF2PasswordHasher):
 @pytest.fixture(autouse=True)
 def _cheap_password_hashes(settings):
     settings.PASSWORD_HASHERS = ["tests.conftest.CheapPBKDF2PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A command run in-process (`call_command("comfy_instance_monitor", "--once")`) installs its
+    own SIGTERM/SIGINT handlers; left in place, Ctrl-C and a CI timeout's SIGTERM no longer stop
+    the test run. Put pytest's back after every test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture
