@@ -63,6 +63,9 @@ class GroupFanout:
                 self._pump = asyncio.ensure_future(self._run(self._channel))
         # Every join renews the membership: layers other than pub/sub expire groups.
         await self.layer.group_add(self.group, self._channel)
+        # And reaches Redis once, as subscribing a channel per socket used to: while Redis is
+        # away a new socket is refused (503) rather than opened to wait for updates in vain.
+        await self.layer.group_send(f"{self.group}.joining", {"type": "fanout.join"})
         self.members[member] = None
 
     def leave(self, member) -> None:
