@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
-from django.test import Client
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from comfyproxy import gateway
@@ -33,9 +33,13 @@ class CheapPBKDF2PasswordHasher(PBKDF2PasswordHasher):
     iterations = 1
 
 
-@pytest.fixture(autouse=True)
-def _cheap_password_hashes(settings):
-    settings.PASSWORD_HASHERS = ["tests.conftest.CheapPBKDF2PasswordHasher"]
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes():
+    # For the whole run, not through the per-test `settings` fixture: that would make every
+    # test's `settings` an autouse fixture, set up first and so restored last, after the
+    # teardown of fixtures that rely on a test's own overrides (CACHES) being undone.
+    with override_settings(PASSWORD_HASHERS=["tests.conftest.CheapPBKDF2PasswordHasher"]):
+        yield
 
 
 @pytest.fixture(autouse=True)
