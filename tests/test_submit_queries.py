@@ -5,6 +5,7 @@ on SQLite and again on PostgreSQL (`-m postgres` with DATABASE_URL set).
 """
 
 import json
+import threading
 from datetime import timedelta
 
 import pytest
@@ -157,3 +158,36 @@ def test_text_no_database_or_utf8_takes_is_refused(body, refusal):
     else:
         assert found is not None
         assert refusal in found
+
+
+# --- The per-student limit holds when a student's tabs submit at the same moment ---------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_simultaneous_submissions_never_pass_the_per_student_limit(make_student, register_instance):
+    student = make_student("eve")
+    register_instance(student, PORT)
+    settings_row = QueueSettings.load()
+    settings_row.max_queued_per_student = 1
+    settings_row.save()
+    tabs = 4
+    barrier = threading.Barrier(tabs)
+    outcomes = []
+
+    def tab():
+        try:
+            barrier.wait(timeout=30)
+            queue.submit_task(actor=student, owner=student, body={"prompt": WORKFLOW})
+            outcomes.append("queued")
+        except errors.TooManyTasks:
+            outcomes.append("too_many_tasks")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=tab) for _ in range(tabs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["queued"] + ["too_many_tasks"] * (tabs - 1)
+    assert Task.objects.filter(owner=student).count() == 1
