@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 machine: installs what it needs, starts the
 # PostgreSQL it tests against if it is not running, then runs the checks and pytest
-# twice: everything on SQLite, and the database-sensitive tests again on PostgreSQL.
+# twice, side by side: everything on SQLite, and the database-sensitive tests again on
+# PostgreSQL.
 # Each test run starts its own redis-server, nginx, emulator and sshd on free ports.
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/test_submit_api.py -x).
 set -euo pipefail
@@ -35,26 +36,32 @@ ruff check .
 python manage.py check --fail-level WARNING
 python manage.py makemigrations --check --dry-run >/dev/null
 
-# The SIGSTOP-past-the-lease run depends on how soon a resumed process is scheduled; on a
-# loaded machine it missed its deadline. Two dispatchers are still tested in
-# tests/test_dispatcher_process.py; run this one by hand with `scripts/test.sh tests/faults`.
-flaky_under_load="--deselect tests/faults/test_dispatcher_overlap.py::test_overlapping_and_paused_dispatchers_dispatch_as_one"
-echo "==> Tests on SQLite"
+postgres_url="postgresql://%2Fvar%2Frun%2Fpostgresql/postgres"
 if [ $# -gt 0 ]; then
+  echo "==> Tests on SQLite"
   python -m pytest "$@"
-else
-  # The access matrix and the fault runs each get a pytest process of their own: they start
-  # their own servers and dispatchers, and a run must not inherit another's leftovers.
-  python -m pytest --ignore=tests/faults --ignore=tests/test_access_matrix.py
-  python -m pytest tests/test_access_matrix.py
-  python -m pytest tests/faults $flaky_under_load
+  echo "==> Database tests on PostgreSQL"
+  DATABASE_URL="$postgres_url" python -m pytest -m postgres "$@"
+  exit 0
 fi
 
+# Everything on SQLite in one pytest process, and the database tests on PostgreSQL in another
+# at the same time: each has its own redis-server, nginx, emulator and test database, and
+# much of either run waits (on sockets held idle, jobs, leases) rather than computes. The
+# PostgreSQL run's output follows the SQLite run's; either failing fails the script.
+echo "==> Tests on SQLite, and the database tests on PostgreSQL alongside"
+postgres_log=$(mktemp)
+DATABASE_URL="$postgres_url" python -m pytest -m postgres -p no:cacheprovider --durations=15 >"$postgres_log" 2>&1 &
+postgres_run=$!
+# Interrupted (Ctrl-C, CI's timeout): the run in the background stops too.
+trap 'kill "$postgres_run" 2>/dev/null || true; rm -f "$postgres_log"' EXIT
+sqlite_status=0
+python -m pytest --durations=25 || sqlite_status=$?
+postgres_status=0
+wait "$postgres_run" || postgres_status=$?
 echo "==> Database tests on PostgreSQL"
-export DATABASE_URL="postgresql://%2Fvar%2Frun%2Fpostgresql/postgres"
-if [ $# -gt 0 ]; then
-  python -m pytest -m postgres "$@"
-else
-  python -m pytest -m postgres --ignore=tests/faults
-  python -m pytest -m postgres tests/faults $flaky_under_load
+cat "$postgres_log"
+if [ "$sqlite_status" -ne 0 ] || [ "$postgres_status" -ne 0 ]; then
+  echo "Failed: SQLite run exit $sqlite_status, PostgreSQL run exit $postgres_status" >&2
+  exit 1
 fi
