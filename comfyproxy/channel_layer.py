@@ -33,6 +33,10 @@ class SharedDecodePubSubChannelLayer(RedisPubSubChannelLayer):
         return decoded
 
 
+# After a failed receive, the fan-out tries again this soon (the layer reconnects meanwhile).
+RECEIVE_RETRY_SECONDS = 0.5
+
+
 class GroupFanout:
     """Every socket of this process in one group, fed by a single subscription.
 
@@ -73,7 +77,16 @@ class GroupFanout:
 
     async def _run(self, channel: str) -> None:
         while True:
-            message = await self.layer.receive(channel)
+            try:
+                message = await self.layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The layer reconnects by itself; this task must outlive any one failure, or
+                # every socket of the process would stop getting updates without a sign.
+                logger.exception("could not receive %s messages; retrying", self.group)
+                await asyncio.sleep(RECEIVE_RETRY_SECONDS)
+                continue
             for member in list(self.members):
                 try:
                     member.deliver(message)
