@@ -94,6 +94,12 @@ DATABASE_ERRORS = (DatabaseError, InterfaceError)
 # stopped, a reordered queue starts nothing. Any other change (cap, pause, an instance that
 # came or went, a signal missed while Redis was away) sends the dispatcher to claim.
 CANNOT_FREE_A_SLOT = frozenset({"submitted", "cancelled", "reordered"})
+# A claim the previous lease holder left unsent is resubmitted, if that holder never says it
+# stopped sending and runs on another host, after this many lease durations: the limit of the
+# no-double-POST guarantee (a holder paused longer than that can still send its POST late).
+PREDECESSOR_BOUND_LEASES = 10
+# How long the "stopped sending" announcement stays in Redis (a successor reads it within leases).
+STOPPED_SENDING_TTL = 3600
 
 
 class Database:
@@ -199,13 +205,24 @@ class TaskRun:
     # While ComfyUI does not answer, it is asked again this often (until the grace runs out).
     RETRY_SECONDS = 0.5
 
-    def __init__(self, dispatcher: "Dispatcher", assignment: dispatch.Assignment, *, resumed: bool):
+    def __init__(
+        self,
+        dispatcher: "Dispatcher",
+        assignment: dispatch.Assignment,
+        *,
+        resumed: bool,
+        in_doubt_of: dispatch.Predecessor | None = None,
+    ):
         self.dispatcher = dispatcher
         self.config = dispatcher.config
         self.comfy = dispatcher.comfy
         self.task = assignment.task
         self.assignment = assignment
         self.resumed = resumed
+        # A resumed claim may have been made by this lease holder's predecessor, which may
+        # still send its POST (see `_wait_out_predecessor`).
+        self.in_doubt_of = in_doubt_of
+        self.sending = False  # past the lease check of a POST /prompt, until it is answered
         self.base_url = f"http://{self.task.host}:{self.task.port}"
         # ComfyUI is known to have the prompt (it accepted it, or reconciliation found it).
         self.confirmed = self.task.submitted_at is not None
@@ -240,6 +257,11 @@ class TaskRun:
             await self._record(outcome)
         except (Detached, dispatch.LeaseLost) as reason:
             log_event("detached", self.task, why=type(reason).__name__)
+        except asyncio.CancelledError:
+            if self.sending:
+                # The POST may still reach ComfyUI: we cannot claim to have stopped sending.
+                self.dispatcher.send_cut_off()
+            raise
         finally:
             self.end_handoff()
 
@@ -254,6 +276,10 @@ class TaskRun:
             location = await self._locate_patiently()
             if isinstance(location, dispatch.Outcome):
                 return location
+            if not location.known and not self.confirmed and self.in_doubt_of is not None:
+                location = await self._wait_out_predecessor(self.in_doubt_of)
+                if isinstance(location, dispatch.Outcome):
+                    return location
             if location.state is PromptState.FINISHED:
                 await self._confirm(None)
                 return self._outcome_of(location)
@@ -276,8 +302,47 @@ class TaskRun:
                 return failed
             return await self._watch(check_first=not self._accepted)
 
+    async def _wait_out_predecessor(
+        self, predecessor: dispatch.Predecessor
+    ) -> PromptLocation | dispatch.Outcome:
+        """A claim the previous holder left, not in ComfyUI and never confirmed: it is in doubt.
+
+        That holder may have checked its lease and been paused just before its POST; it sends
+        the POST when it resumes, and ComfyUI would run the task twice. So keep looking for
+        the prompt (adopting it if it shows up) until the holder provably stopped sending,
+        then look once more: only a prompt still absent then is submitted by us.
+        """
+        log_event("in_doubt", self.task, predecessor=predecessor.holder, epoch=predecessor.epoch)
+        while True:
+            stopped = await self.dispatcher.predecessor_stopped(predecessor)
+            location = await self._locate_patiently()
+            if isinstance(location, dispatch.Outcome) or location.known or stopped:
+                log_event(
+                    "doubt_settled",
+                    self.task,
+                    found=not isinstance(location, dispatch.Outcome) and location.known,
+                )
+                return location
+            await self._wait(until=time.monotonic() + self.RETRY_SECONDS)
+
     def _lease(self) -> dispatch.Lease:
         return self.dispatcher.current_lease()
+
+    async def _send(self) -> Accepted | PromptLocation:
+        try:
+            result = await self.comfy.submit_exactly_once(
+                self.base_url, self._request(), before_send=self._lease_then_send
+            )
+        except Exception:
+            self.sending = False  # answered, or refused before the POST (a cancel leaves it set)
+            raise
+        self.sending = False
+        return result
+
+    def _lease_then_send(self) -> None:
+        """`before_send`: from a passed lease check until ComfyUI answers, a POST may go out."""
+        self._lease()
+        self.sending = True
 
     def _request(self) -> PromptRequest:
         return PromptRequest(
@@ -291,9 +356,7 @@ class TaskRun:
     async def _submit(self) -> dispatch.Outcome | None:
         """Hand the prompt to ComfyUI exactly once; an Outcome if the task ends right here."""
         try:
-            result = await self.comfy.submit_exactly_once(
-                self.base_url, self._request(), before_send=self._lease
-            )
+            result = await self._send()
         except ComfyRejected as error:
             return dispatch.rejected(error)
         except ComfyError as error:
@@ -506,6 +569,13 @@ class Dispatcher:
         self._freed_at: collections.deque[float] = collections.deque()
         self._cancels_unchecked = True  # a running task may have been cancelled since we looked
         self._next_orphan_sweep = 0.0
+        # The holder we took the lease from, and when (monotonic): its claims are in doubt.
+        self._predecessor: dispatch.Predecessor | None = None
+        self._predecessor_since = 0.0
+        # After losing the lease: waits for our sends to end, then announces that (see below).
+        self._stopping_sends: asyncio.Task | None = None
+        self._sends_cut = False  # a run was cancelled mid-POST under the current lease
+        self._redis: aioredis.Redis | None = None
 
     # --- Lease -----------------------------------------------------------------------------
 
@@ -528,11 +598,16 @@ class Dispatcher:
 
     async def acquire_lease(self) -> bool:
         """Step: take the lease if it is free, then reconcile what the last holder left running."""
+        if self._stopping_sends is not None:
+            # Never two generations of our own runs at once (the announcement is per epoch).
+            await asyncio.gather(self._stopping_sends, return_exceptions=True)
         asked_at = time.monotonic()
         lease = await self.db.call(dispatch.acquire_lease, self.holder, self._lease_duration)
         if lease is None:
             return False
         self.lease = lease
+        self._sends_cut = False
+        self._predecessor, self._predecessor_since = lease.predecessor, time.monotonic()
         self._trust_lease_until(asked_at)
         self._look_at_everything()
         log_event("lease_acquired", holder=self.holder, epoch=lease.epoch)
@@ -571,9 +646,71 @@ class Dispatcher:
         if self.lease is None:
             return
         log_event("lease_lost", level=logging.WARNING, holder=self.holder, epoch=self.lease.epoch, why=why)
-        self.lease = None
-        for run in list(self.runs.values()):
-            run.asyncio_task.cancel()
+        lost, self.lease = self.lease, None
+        runs = list(self.runs.values())
+        for run in runs:
+            # A POST already past its lease check is let finish (cancelling it would not
+            # unsend bytes on the wire); the run then finds the lease gone and detaches.
+            if not run.sending:
+                run.asyncio_task.cancel()
+        self._stopping_sends = asyncio.create_task(
+            self._stop_sending(lost, [run.asyncio_task for run in runs]), name="stop sending"
+        )
+
+    def send_cut_off(self) -> None:
+        """A run was cancelled while its POST /prompt was out: it may still reach ComfyUI."""
+        self._sends_cut = True
+
+    async def _stop_sending(self, lost: dispatch.Lease, runs: list[asyncio.Task]) -> None:
+        """Once none of our runs can send a POST any more, tell the new holder so.
+
+        It resubmits our claims that never reached ComfyUI only after that (or after our
+        process is gone, or a long bound), so a POST we were still about to send when our
+        lease ran out (paused past it) is never doubled by its resubmission.
+        """
+        if runs:
+            _done, pending = await asyncio.wait(runs, timeout=self.config.shutdown_grace_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self._announce_stopped_sending(lost)
+
+    async def _announce_stopped_sending(self, lease: dispatch.Lease) -> None:
+        if self._sends_cut:
+            log_event("stopped_sending_unannounced", level=logging.WARNING, holder=self.holder)
+            return
+        try:
+            await self._redis_client().set(
+                dispatch.stopped_sending_key(lease.holder, lease.epoch), "1", ex=STOPPED_SENDING_TTL
+            )
+        except (RedisError, OSError) as error:
+            # The successor then waits for our process to end, or for its fallback bound.
+            log_event("stopped_sending_unannounced", level=logging.WARNING, error=repr(str(error)))
+            return
+        log_event("stopped_sending", holder=self.holder, epoch=lease.epoch)
+
+    async def predecessor_stopped(self, predecessor: dispatch.Predecessor) -> bool:
+        """Has the holder we took the lease from provably stopped sending (`stopped_sending`)?"""
+        announced = False
+        try:
+            key = dispatch.stopped_sending_key(predecessor.holder, predecessor.epoch)
+            announced = bool(await self._redis_client().exists(key))
+        except (RedisError, OSError) as error:
+            log_event("stopped_sending_unknown", level=logging.DEBUG, error=repr(str(error)))
+        return dispatch.stopped_sending(
+            predecessor,
+            announced=announced,
+            waited_seconds=time.monotonic() - self._predecessor_since,
+            bound_seconds=PREDECESSOR_BOUND_LEASES * self.config.lease_seconds,
+        )
+
+    def _redis_client(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+            )
+        return self._redis
 
     async def _keep_lease(self) -> None:
         while True:
@@ -596,7 +733,7 @@ class Dispatcher:
         assignments = await self.db.call(dispatch.processing_assignments)
         for assignment in assignments:
             if assignment.task.id not in self.runs:
-                self._start_run(assignment, resumed=True)
+                self._start_run(assignment, resumed=True, in_doubt_of=self._predecessor)
         if assignments:
             log_event("reconciling", count=len(assignments))
         return len(assignments)
@@ -655,8 +792,14 @@ class Dispatcher:
             if run is not None:
                 run.request_cancel()
 
-    def _start_run(self, assignment: dispatch.Assignment, *, resumed: bool) -> TaskRun:
-        run = TaskRun(self, assignment, resumed=resumed)
+    def _start_run(
+        self,
+        assignment: dispatch.Assignment,
+        *,
+        resumed: bool,
+        in_doubt_of: dispatch.Predecessor | None = None,
+    ) -> TaskRun:
+        run = TaskRun(self, assignment, resumed=resumed, in_doubt_of=in_doubt_of)
         if not resumed:
             # From the claim until ComfyUI answers the POST: no snapshot is built meanwhile.
             run.handing_off = True
@@ -830,7 +973,12 @@ class Dispatcher:
             await self._wait_for_runs(within=None)
             await self._publisher.aclose()
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            if self._stopping_sends is not None:
+                await asyncio.gather(self._stopping_sends, return_exceptions=True)
             await self._release_lease()
+            if self._redis is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.aclose()
             await self.watchers.aclose()
             await self.comfy.aclose()
             self.db.close()
@@ -844,6 +992,8 @@ class Dispatcher:
     async def _release_lease(self) -> None:
         if self.lease is None:
             return
+        # Every run has ended by now: the successor need not wait for our process to exit.
+        await self._announce_stopped_sending(self.lease)
         try:
             await asyncio.wait_for(self.db.call(dispatch.release_lease, self.lease), timeout=5)
         except (*DATABASE_ERRORS, TimeoutError) as error:

@@ -7,8 +7,12 @@ running at once, how often each prompt id was submitted and executed), not on ou
 import asyncio
 import itertools
 import json
+import logging
+import os
+import socket
 import subprocess
 import time
+from datetime import timedelta
 
 import pytest
 import redis
@@ -18,8 +22,8 @@ from django.utils import timezone
 
 from comfyproxy.emulator.data import load_workflow
 from comfyproxy.metrics import HANDOFF_KEY
-from comfyproxy.models import TERMINAL_STATUSES, Task, TaskReason, TaskStatus
-from comfyproxy.services import control
+from comfyproxy.models import TERMINAL_STATUSES, DispatcherLease, Task, TaskReason, TaskStatus
+from comfyproxy.services import control, dispatch
 from comfyproxy.services import queue as queue_service
 from comfyproxy.services.broadcast import OWNERS_GROUP
 from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL, redis_connection
@@ -385,6 +389,56 @@ def test_a_task_comfyui_already_has_is_followed_not_sent_again(classroom, start_
     start_dispatcher()
     finished = wait_for_status(task, TaskStatus.COMPLETED)
     assert finished.submitted_at is not None
+    assert_each_ran_exactly_once(emulator, [task])
+
+
+# A lease holder that is still alive (this very process), paused past its lease.
+PAUSED_HOLDER = f"{socket.gethostname()}:{os.getpid()}:paused00"
+
+
+def left_by_a_paused_holder(task: Task) -> Task:
+    """The holder claimed the task, checked its lease, and was paused before its POST went out."""
+    DispatcherLease.objects.update_or_create(
+        pk=1,
+        defaults={"holder": PAUSED_HOLDER, "epoch": 41, "expires_at": timezone.now() - timedelta(seconds=1)},
+    )
+    return claimed_by_a_dead_dispatcher(task, submitted=False)
+
+
+def wait_for_doubt(caplog, task: Task) -> None:
+    wait_until(
+        lambda: any(f"event=in_doubt task={task.pk}" in record.getMessage() for record in caplog.records),
+        timeout=20,
+        message="the claim to be held in doubt",
+    )
+
+
+def test_a_claim_a_paused_holder_may_still_send_is_adopted_when_its_late_post_arrives(
+    classroom, start_dispatcher, caplog
+):
+    caplog.set_level(logging.INFO, logger="comfyproxy.dispatcher")
+    emulator, (alice,) = classroom(1, job_seconds=0.2)
+    task = left_by_a_paused_holder(submit(alice))
+    start_dispatcher()
+    wait_for_doubt(caplog, task)
+    post_to_comfyui(emulator, task)  # the paused holder resumes: its POST goes out
+    assert wait_for_status(task, TaskStatus.COMPLETED).submitted_at is not None
+    assert_each_ran_exactly_once(emulator, [task])
+
+
+def test_a_claim_in_doubt_is_submitted_once_its_holder_announces_it_stopped_sending(
+    classroom, start_dispatcher, caplog
+):
+    caplog.set_level(logging.INFO, logger="comfyproxy.dispatcher")
+    emulator, (alice,) = classroom(1, job_seconds=0.2)
+    task = left_by_a_paused_holder(submit(alice))
+    start_dispatcher()
+    wait_for_doubt(caplog, task)
+    # Still in doubt: the holder's process lives and it said nothing.
+    assert emulator.stats()["submissions"] == {}
+    assert reload(task).status == TaskStatus.PROCESSING
+    redis_connection().set(dispatch.stopped_sending_key(PAUSED_HOLDER, 41), "1", ex=60)
+    assert wait_for_status(task, TaskStatus.COMPLETED).status == TaskStatus.COMPLETED
     assert_each_ran_exactly_once(emulator, [task])
 
 

@@ -3,6 +3,10 @@
 These run on SQLite and again on PostgreSQL (`-m postgres` with DATABASE_URL set).
 """
 
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -72,6 +76,83 @@ def test_an_expired_lease_nobody_took_is_still_ours(lease):
 def test_released_lease_is_taken_over_at_once(lease):
     dispatch.release_lease(lease)
     assert dispatch.acquire_lease("dispatcher-b", LEASE).epoch == lease.epoch + 1
+
+
+def test_taking_over_names_the_holder_it_replaced(lease):
+    assert lease.predecessor is None  # nobody held it before
+    expire_lease()
+    taken = dispatch.acquire_lease("dispatcher-b", LEASE)
+    assert taken.predecessor == dispatch.Predecessor("dispatcher-a", lease.epoch)
+    expire_lease()
+    # Taking back a lease that lapsed while nobody else took it: no one else can be sending.
+    again = dispatch.acquire_lease("dispatcher-b", LEASE)
+    assert again.epoch == taken.epoch + 1
+    assert again.predecessor is None
+
+
+# --- Has the previous holder stopped sending? ----------------------------------------------------
+
+BOUND = 20.0
+
+
+def holder_named(pid: int, host: str | None = None) -> dispatch.Predecessor:
+    return dispatch.Predecessor(f"{host or socket.gethostname()}:{pid}:abcd1234", 7)
+
+
+def stopped(predecessor, *, announced=False, waited=0.0) -> bool:
+    return dispatch.stopped_sending(
+        predecessor, announced=announced, waited_seconds=waited, bound_seconds=BOUND
+    )
+
+
+@pytest.fixture
+def exited_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_holder_whose_process_is_gone_has_stopped(exited_pid):
+    assert stopped(holder_named(exited_pid))
+
+
+def test_a_killed_holder_not_yet_reaped_has_stopped():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process.kill()
+        # A zombie until reaped (as a dispatcher its supervisor has not waited for yet).
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        assert stopped(holder_named(process.pid))
+    finally:
+        process.wait()
+
+
+def test_a_live_holder_on_this_host_has_not_stopped_until_it_says_so():
+    live = holder_named(os.getpid())
+    assert not stopped(live, waited=BOUND - 1)
+    assert stopped(live, announced=True)
+
+
+def test_a_holder_on_another_host_is_waited_for_up_to_the_bound(exited_pid):
+    # Its pid means nothing here, even one that exists no more on this host.
+    elsewhere = holder_named(exited_pid, host="another-host")
+    assert not stopped(elsewhere, waited=BOUND - 0.1)
+    assert stopped(elsewhere, announced=True)
+    assert stopped(elsewhere, waited=BOUND)
+
+
+def test_a_holder_name_that_does_not_parse_is_never_taken_for_gone():
+    assert not stopped(dispatch.Predecessor("dispatcher-a", 3), waited=1)
+    assert not dispatch.holder_process_gone(f"{socket.gethostname()}:notapid:abcd")
+
+
+def test_the_announcement_is_per_holder_and_epoch():
+    keys = {
+        dispatch.stopped_sending_key("h:1:a", 1),
+        dispatch.stopped_sending_key("h:1:a", 2),
+        dispatch.stopped_sending_key("h:2:a", 1),
+    }
+    assert len(keys) == 3
 
 
 def test_a_stale_holder_can_neither_claim_nor_finish(lease, students):

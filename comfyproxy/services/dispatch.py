@@ -103,9 +103,19 @@ class LeaseLost(Exception):
 
 
 @dataclass(frozen=True)
+class Predecessor:
+    """Who held the lease (and its epoch) just before a dispatcher took it over."""
+
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class Lease:
     holder: str
     epoch: int
+    # The holder this taking replaced, when it was another dispatcher (None: nobody, or us).
+    predecessor: Predecessor | None = field(default=None, compare=False)
 
 
 def new_holder_name() -> str:
@@ -117,9 +127,15 @@ def new_holder_name() -> str:
 
 
 def acquire_lease(holder: str, duration: timedelta) -> Lease | None:
-    """Take the lease if it is free or expired; each taking starts a new epoch."""
+    """Take the lease if it is free or expired; each taking starts a new epoch.
+
+    The Lease names the holder it replaced (read under the same lock as the update): its
+    claims that never reached ComfyUI are in doubt until it provably stopped sending
+    (see `stopped_sending`).
+    """
     with transaction.atomic():
         DispatcherLease.objects.get_or_create(pk=1)
+        before = DispatcherLease.objects.select_for_update().values("holder", "epoch").get(pk=1)
         now = timezone.now()
         taken = DispatcherLease.objects.filter(
             Q(expires_at__isnull=True) | Q(expires_at__lte=now), pk=1
@@ -133,7 +149,9 @@ def acquire_lease(holder: str, duration: timedelta) -> Lease | None:
         if not taken:
             return None
         epoch = DispatcherLease.objects.values_list("epoch", flat=True).get(pk=1)
-    return Lease(holder=holder, epoch=epoch)
+    replaced = before["holder"] if before["holder"] and before["holder"] != holder else None
+    predecessor = Predecessor(replaced, before["epoch"]) if replaced else None
+    return Lease(holder=holder, epoch=epoch, predecessor=predecessor)
 
 
 def renew_lease(lease: Lease, duration: timedelta) -> bool:
@@ -155,6 +173,65 @@ def release_lease(lease: Lease) -> None:
     DispatcherLease.objects.filter(pk=1, holder=lease.holder, epoch=lease.epoch).update(
         expires_at=timezone.now()
     )
+
+
+def holder_process_gone(holder: str, *, hostname: str | None = None) -> bool:
+    """The holder ran on this host and its process no longer exists (or is a zombie).
+
+    Holder names are `host:pid:random` (`new_holder_name`). A holder on another host, or a
+    name that does not parse, is never known gone from here. A reused pid only makes us
+    wait longer (never shorter), so that is safe.
+    """
+    parts = holder.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or parts[0] != (hostname or socket.gethostname()):
+        return False
+    pid = int(parts[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists (another user's process)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def stopped_sending(
+    predecessor: Predecessor,
+    *,
+    announced: bool,
+    waited_seconds: float,
+    bound_seconds: float,
+    hostname: str | None = None,
+) -> bool:
+    """Can the previous lease holder still send a POST /prompt it checked its lease for?
+
+    A holder paused (SIGSTOP, a VM freeze) right after its lease check sends its POST when
+    it resumes, whatever the lease says; ComfyUI does not de-duplicate prompt ids. So a claim
+    it left that ComfyUI does not have is resubmitted only once it provably stopped: its
+    process is gone (same host), or it announced that it stopped sending after finding its
+    lease lost (`announced`), or — for a holder on another host that never announces (Redis
+    down, or it never resumed) — `bound_seconds` passed. That bound is the limit of the
+    guarantee: a holder paused longer than it, on another host, and unable to announce,
+    can still duplicate a prompt.
+    """
+    return (
+        announced
+        or holder_process_gone(predecessor.holder, hostname=hostname)
+        or (waited_seconds >= bound_seconds)
+    )
+
+
+def stopped_sending_key(holder: str, epoch: int) -> str:
+    """The Redis key a dispatcher sets once nothing it sent under that lease epoch can still go out.
+
+    Per epoch: a holder that lost the lease may take it again later and send again.
+    """
+    return f"comfyproxy:dispatcher:stopped:{holder}:{epoch}"
 
 
 def dispatcher_heartbeat() -> DispatcherLease | None:
