@@ -24,6 +24,9 @@ TASK_SCHEMA = inline_serializer(
         "position": serializers.IntegerField(),
         "estimated_wait_seconds": serializers.IntegerField(),
         "message": serializers.CharField(),
+        "after_own_run": serializers.BooleanField(
+            help_text="Waiting for the student's own run (one at a time on their ComfyUI), not for a slot."
+        ),
         "max_concurrent": serializers.IntegerField(),
         "processing_count": serializers.IntegerField(),
         "error": serializers.JSONField(allow_null=True),

@@ -106,6 +106,7 @@ class _Describer:
         }
         self.paused_message = _("The queue is paused by the teacher; %(count)d ahead of you.")
         self.starting_message = _("Starting now.")
+        self.after_own_run_message = _("Your previous run is still going; this one starts right after it.")
         self.busy_message = _("The system is busy: %(count)d ahead of you in the queue.")
         self.fixed_messages = {
             TaskStatus.COMPLETED: _("Finished."),
@@ -115,14 +116,14 @@ class _Describer:
         self.running_message = _("Running.")
         self.failed_message = _("The run failed.")
 
-    def message(self, row, position: int) -> str:
+    def message(self, row, position: int, after_own_run: bool) -> str:
         # The same decisions as queue.status_message.
         status = row[_STATUS]
         if status == TaskStatus.QUEUED:
             if self.overview.paused:
                 return self.paused_message % {"count": position}
             if position <= self.overview.available_slots:
-                return self.starting_message
+                return self.after_own_run_message if after_own_run else self.starting_message
             return self.busy_message % {"count": position}
         if status == TaskStatus.PROCESSING:
             return self.stopping_message if row[_CANCEL_REQUESTED_AT] else self.running_message
@@ -131,8 +132,9 @@ class _Describer:
             return fixed
         return row[_ERROR_MESSAGE] or self.failed_message
 
-    def describe(self, row, position: int) -> dict:
+    def describe(self, row, position: int, *, after_own_run: bool = False) -> dict:
         task_id = str(row[_ID])
+        after_own_run = after_own_run and row[_STATUS] == TaskStatus.QUEUED
         started_at, finished_at = row[_STARTED_AT], row[_FINISHED_AT]
         return {
             "task_id": task_id,
@@ -143,7 +145,8 @@ class _Describer:
             "estimated_wait_seconds": estimated_wait_seconds(
                 position, self.overview.max_concurrent, self.run_seconds
             ),
-            "message": self.message(row, position),
+            "message": self.message(row, position, after_own_run),
+            "after_own_run": after_own_run,
             "username": row[_USERNAME],
             "port": row[_PORT],
             "queued_at": row[_QUEUED_AT].isoformat(),
@@ -242,7 +245,12 @@ def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     )
     describer = _Describer(overview, run_seconds)
     running_states = [describer.describe(row, 0) for row in running]
-    queued_states = [describer.describe(row, rank.get(row[_ID], unranked)) for row in queued]
+    # Every running task of an owner is shown (in both modes), so this is complete for them.
+    owners_running = {row[_OWNER_ID] for row in running}
+    queued_states = [
+        describer.describe(row, rank.get(row[_ID], unranked), after_own_run=row[_OWNER_ID] in owners_running)
+        for row in queued
+    ]
     finished_shown = Counter()
     finished_rows = []
     for position, row in enumerate(finished):

@@ -339,7 +339,7 @@ def queue_overview() -> QueueOverview:
 def describe_new_task(task: Task, queue_settings: QueueSettings) -> dict:
     """`describe_task` of a task just submitted: the queue's counts and the task's place come
     from one query (describe_task alone takes three, and loads the settings again)."""
-    processing, queued, ahead = _queue_counts(task)
+    processing, queued, ahead, own_running = _queue_counts(task)
     overview = QueueOverview(
         max_concurrent=queue_settings.max_concurrent,
         processing_count=processing,
@@ -348,11 +348,12 @@ def describe_new_task(task: Task, queue_settings: QueueSettings) -> dict:
     )
     # As queue_position: from the task as submitted (queued), even if claimed meanwhile.
     position = ahead + 1 if task.status == TaskStatus.QUEUED else 0
-    return describe_task(task, overview=overview, position=position)
+    return describe_task(task, overview=overview, position=position, after_own_run=own_running > 0)
 
 
-def _queue_counts(task: Task) -> tuple[int, int, int]:
-    """(processing, queued, queued ahead of `task` as `_ahead_of` orders them) in one statement.
+def _queue_counts(task: Task) -> tuple[int, int, int, int]:
+    """(processing, queued, queued ahead of `task` as `_ahead_of` orders them, processing of
+    `task`'s owner) in one statement.
 
     Written as SQL because the ORM spends about 4 ms of CPU building this aggregate (three
     filtered counts), far more than the database takes to run it. Values are prepared by the
@@ -360,9 +361,10 @@ def _queue_counts(task: Task) -> tuple[int, int, int]:
     """
     meta = Task._meta
     column = {name: connection.ops.quote_name(meta.get_field(name).column) for name in _COUNTED_FIELDS}
-    status, order, queued_at, pk = (column[name] for name in _COUNTED_FIELDS)
+    status, order, queued_at, pk, owner = (column[name] for name in _COUNTED_FIELDS)
     sql = (
         f"SELECT COUNT(CASE WHEN {status} = %s THEN 1 END),"
+        f" COUNT(CASE WHEN {status} = %s AND {owner} = %s THEN 1 END),"
         f" COUNT(CASE WHEN {status} = %s THEN 1 END),"
         f" COUNT(CASE WHEN {status} = %s AND ({order} < %s"
         f" OR ({order} = %s AND {queued_at} < %s)"
@@ -374,6 +376,8 @@ def _queue_counts(task: Task) -> tuple[int, int, int]:
     pk_value = meta.get_field("id").get_db_prep_value(task.pk, connection)
     params = [
         processing,
+        processing,
+        task.owner_id,
         queued,
         queued,
         task.queue_order,
@@ -388,17 +392,20 @@ def _queue_counts(task: Task) -> tuple[int, int, int]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
-    return row[0], row[1], row[2]
+    return row[0], row[2], row[3], row[1]
 
 
-_COUNTED_FIELDS = ("status", "queue_order", "queued_at", "id")
+_COUNTED_FIELDS = ("status", "queue_order", "queued_at", "id", "owner")
 
 
-def status_message(task: Task, position: int, overview: QueueOverview) -> str:
+def status_message(task: Task, position: int, overview: QueueOverview, *, after_own_run: bool = False) -> str:
     if task.status == TaskStatus.QUEUED:
         if overview.paused:
             return _("The queue is paused by the teacher; %(count)d ahead of you.") % {"count": position}
         if position <= overview.available_slots:
+            if after_own_run:
+                # A free slot, but the student's ComfyUI runs one workflow at a time.
+                return _("Your previous run is still going; this one starts right after it.")
             return _("Starting now.")
         return _("The system is busy: %(count)d ahead of you in the queue.") % {"count": position}
     if task.status == TaskStatus.PROCESSING:
@@ -418,13 +425,22 @@ def describe_task(
     overview: QueueOverview | None = None,
     position: int | None = None,
     run_seconds: float | None = None,
+    after_own_run: bool | None = None,
 ) -> dict:
-    """The task as students, the API and the WebSocket see it."""
+    """The task as students, the API and the WebSocket see it.
+
+    `after_own_run`: a waiting task whose owner has a run going, which it must wait for
+    whatever the free slots (one run at a time on a student's ComfyUI).
+    """
     overview = overview or queue_overview()
     if position is None:
         position = queue_position(task)
     if run_seconds is None:
         run_seconds = typical_run_seconds() if position else 0.0
+    if task.status != TaskStatus.QUEUED:
+        after_own_run = False
+    elif after_own_run is None:
+        after_own_run = Task.objects.processing().filter(owner_id=task.owner_id).exists()
     return {
         "task_id": str(task.id),
         "prompt_id": str(task.id),
@@ -432,7 +448,8 @@ def describe_task(
         "reason": task.reason,
         "position": position,
         "estimated_wait_seconds": estimated_wait_seconds(position, overview.max_concurrent, run_seconds),
-        "message": status_message(task, position, overview),
+        "message": status_message(task, position, overview, after_own_run=after_own_run),
+        "after_own_run": after_own_run,
         "username": task.owner.get_username(),
         "port": task.port,
         "queued_at": task.queued_at.isoformat(),

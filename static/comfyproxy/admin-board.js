@@ -96,7 +96,7 @@
   function waitingRow(task, queue, asOfMs) {
     const startsNow = !queue.paused && task.position <= queue.available_slots;
     const eta = startsNow
-      ? element("td", { textContent: text.startsNow })
+      ? element("td", { textContent: task.after_own_run ? task.message : text.startsNow })
       : clockCell("until", asOfMs + task.estimated_wait_seconds * 1000);
     return element("tr", {}, [
       element("td", { textContent: String(task.position) }),

@@ -27,6 +27,7 @@
     "zh-hans": {
       busy: "⏳ 系统繁忙",
       starting: "⏳ 即将开始",
+      afterOwnRun: "⏳ 等你的上一个任务完成后开始",
       paused: "⏸ 老师已暂停队列",
       ahead: "前方还有 {n} 人排队",
       capacity: "最多支持 {m} 人同时执行",
@@ -59,6 +60,7 @@
     en: {
       busy: "⏳ The system is busy",
       starting: "⏳ Starting soon",
+      afterOwnRun: "⏳ Starts after your current run",
       paused: "⏸ The teacher paused the queue",
       ahead: "{n} ahead of you in the queue",
       capacity: "Up to {m} can run at once",
@@ -237,7 +239,7 @@
       const card = element("div", "card");
       let title = text.busy;
       if (queue.paused) title = text.paused;
-      else if (task.position <= queue.available_slots) title = text.starting;
+      else if (task.position <= queue.available_slots) title = task.after_own_run ? text.afterOwnRun : text.starting;
       card.append(element("div", "title", title));
       card.append(element("div", "ahead", fill(text.ahead, { n: task.position })));
       card.append(element("div", "capacity", fill(text.capacity, { m: queue.max_concurrent })));

@@ -109,6 +109,24 @@ def test_comfyui_still_works_and_the_card_follows_the_task(chromium, nginx_gatew
     assert problems == []
 
 
+def test_a_second_workflow_waits_for_the_students_own_run_not_the_queue(
+    chromium, nginx_gateway, busy_class, make_task, queue_settings
+):
+    alice, port = busy_class
+    queue_settings.max_concurrent_override = 3  # slots free: only alice's own run holds her next one
+    queue_settings.save()
+    make_task(alice, status=TaskStatus.PROCESSING, port=port)
+    page, problems = open_comfyui(chromium, nginx_gateway, alice, port)
+
+    press_comfyuis_queue_button(page)
+    broadcast_now()
+
+    queued = page.locator(CARD).filter(has_text="前方还有 1 人排队")
+    expect(queued).to_contain_text("⏳ 等你的上一个任务完成后开始")
+    expect(queued).not_to_contain_text("即将开始")
+    assert problems == []
+
+
 def test_comfyuis_errors_are_shown_readably(chromium, nginx_gateway, busy_class, screenshot):
     alice, port = busy_class
     task = queue.submit_task(actor=alice, owner=alice, body={"prompt": WORKFLOW}, port=port)
