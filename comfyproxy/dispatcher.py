@@ -946,6 +946,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         log_event("started", holder=self.holder)
+        await self.warm_up()
         background = [
             asyncio.create_task(self._keep_lease(), name="lease"),
             asyncio.create_task(self._listen_for_queue_changes(), name="queue changes"),
@@ -983,6 +984,15 @@ class Dispatcher:
             await self.comfy.aclose()
             self.db.close()
             log_event("stopped", holder=self.holder)
+
+    async def warm_up(self) -> None:
+        """Load and open now what the first hand-off would (the HTTP stack, the database
+        connection, the prepared statements), so that it is as fast as every later one."""
+        try:
+            await self.comfy.warm_up()
+            await self.db.call(dispatch.warm_up)
+        except (*DATABASE_ERRORS, RedisError, OSError) as error:
+            log_event("warm_up_failed", level=logging.WARNING, error=repr(str(error)))
 
     async def _wait_for_runs(self, within: float | None) -> None:
         pending = [run.asyncio_task for run in self.runs.values()]

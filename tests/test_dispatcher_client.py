@@ -6,6 +6,9 @@ tests cover the same client against the emulator.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -281,3 +284,46 @@ def test_the_watcher_reads_history_only_when_a_frame_may_mean_a_prompt_ended():
         ]
     ]
     assert seen == [True, False, False, False, False, True, True, True, False]
+
+
+WARM_UP_THEN_REQUEST = """
+import asyncio, json, sys
+from comfyproxy.comfy.client import ComfyClient
+
+async def main():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n")
+        writer.write(b"Content-Length: 2\\r\\n\\r\\n{}")
+        await writer.drain()
+
+    comfy = await asyncio.start_server(answer, "127.0.0.1", 0)
+    base_url = "http://127.0.0.1:%d" % comfy.sockets[0].getsockname()[1]
+    client = ComfyClient()
+    if sys.argv[1] == "warm":
+        await client.warm_up()
+    before = set(sys.modules)
+    assert await client.history(base_url, "p") is None
+    await client.aclose()
+    print(json.dumps(sorted(set(sys.modules) - before)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_after_the_warm_up_the_first_request_to_comfyui_loads_no_module(warm):
+    """The dispatcher warms up at start, so its first hand-off does not load the HTTP stack."""
+    result = subprocess.run(
+        [sys.executable, "-c", WARM_UP_THEN_REQUEST, "warm" if warm else "cold"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded = json.loads(result.stdout)
+    if warm:
+        assert loaded == []
+    else:  # what the warm-up saves: without it, the first request loads the HTTP stack
+        assert "httpcore" in loaded

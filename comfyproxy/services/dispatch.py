@@ -30,6 +30,7 @@ from comfyproxy.models import (
     TaskReason,
     TaskStatus,
 )
+from comfyproxy.services.queue import typical_run_seconds
 
 # A claim normally takes the first candidate; more are tried only when a concurrent
 # cancel (PostgreSQL, READ COMMITTED) took one away between the scan and the UPDATE.
@@ -237,6 +238,15 @@ def stopped_sending_key(holder: str, epoch: int) -> str:
 def dispatcher_heartbeat() -> DispatcherLease | None:
     """The lease row: who dispatches, and when it last said it is alive (`renewed_at`)."""
     return DispatcherLease.objects.filter(pk=1).first()
+
+
+def warm_up() -> None:
+    """On the dispatcher's database thread at start: open its connection and prepare what
+    the first claim and snapshot would otherwise prepare in the middle of a hand-off."""
+    connection.ensure_connection()
+    _hot_statements(connection.vendor)
+    QueueSettings.load()
+    typical_run_seconds()  # the snapshot's cache read loads django-redis's serializer
 
 
 def _fence(lease: Lease) -> None:
