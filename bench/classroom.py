@@ -709,7 +709,7 @@ def run_figures(records: list[TaskRecord], cap: int, frames_by_task: dict, settl
         return {}
     # Hand-offs as bench/queue_bench.py counts them: a slot freed while a task waited → the next start.
     runs = [(record.comfy_start, record.comfy_end) for record in done]
-    handoff_ms = [gap * 1000 for gap in handoffs(runs, [record.sent for record in records])]
+    handoff_ms = [gap * 1000 for _ended, gap in handoffs(runs, [record.sent for record in records])]
     ends = sorted(done, key=lambda record: record.comfy_end)
     starts = sorted(done, key=lambda record: record.comfy_start)
     pairs = list(zip(ends, starts[cap:], strict=False))

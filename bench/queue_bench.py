@@ -235,8 +235,15 @@ async def submit_burst(base_url: str, students: list[Student], options: Options)
 
 
 def warm_up(base_url: str, student: Student) -> None:
-    """Load the app's code paths once, so the first submission does not pay for imports."""
+    """Load the app's code paths once, so the first submission does not pay for imports.
+
+    A class submits to a server that has been serving its pages for a while: this measures
+    that server, not one started a moment ago. The warm-up task is removed before the
+    dispatcher starts, so it never runs and is not counted.
+    """
     import httpx
+
+    from comfyproxy.models import Task
 
     for _ in range(3):
         httpx.get(
@@ -244,6 +251,13 @@ def warm_up(base_url: str, student: Student) -> None:
             headers={"Cookie": f"sessionid={student.session}"},
             timeout=30,
         ).raise_for_status()
+        httpx.post(
+            f"{base_url}/comfyui/{student.username}/{student.port}/prompt",
+            json={"prompt": workflow(0), "client_id": f"page-{student.username}"},
+            headers={"Cookie": f"comfy_access={student.comfy_access}"},
+            timeout=30,
+        ).raise_for_status()
+    Task.objects.all().delete()
 
 
 # --- Measuring ------------------------------------------------------------------------------------
@@ -263,8 +277,8 @@ def emulator_runs(emulator) -> list[tuple[float, float]]:
     return runs
 
 
-def handoffs(runs: list[tuple[float, float]], arrivals: list[float]) -> list[float]:
-    """For each run that ended while a task was waiting: its end → the next run's start.
+def handoffs(runs: list[tuple[float, float]], arrivals: list[float]) -> list[tuple[float, float]]:
+    """For each run that ended while a task was waiting: (its end, its end → the next run's start).
 
     Slots are matched first-freed, first-filled. A slot that frees while nothing waits
     (before the burst has arrived, or after the last start) is idle, not a hand-off.
@@ -278,7 +292,8 @@ def handoffs(runs: list[tuple[float, float]], arrivals: list[float]) -> list[flo
         if is_start:
             starts_seen += 1
             if freed:
-                gaps.append(max(0.0, moment - freed.popleft()))
+                ended = freed.popleft()
+                gaps.append((ended, max(0.0, moment - ended)))
         elif bisect.bisect_right(arrivals, moment) > starts_seen:
             freed.append(moment)
     return gaps
@@ -306,7 +321,7 @@ def measure(options: Options, submissions: list[Submission], emulator, cpu: dict
         "ideal_seconds": ideal,
         "makespan_overhead": makespan / ideal - 1,
         "comfy_busy_seconds": max(end for _s, end in runs) - min(start for start, _e in runs),
-        "handoff_seconds": spread(gaps),
+        "handoff_seconds": spread([gap for _ended, gap in gaps]),
         "submission_latency_seconds": spread(latencies),
         "submission_statuses": dict(collections.Counter(submission.status for submission in submissions)),
         "task_statuses": dict(statuses),
@@ -316,6 +331,14 @@ def measure(options: Options, submissions: list[Submission], emulator, cpu: dict
         "executions": len(stats["executions"]),
         # CPU seconds each part used from the first submission to the last task's end.
         "cpu_seconds": cpu,
+        # The raw series behind the percentiles, in seconds since the first submission was sent,
+        # to see when the slow ones happened (during the burst, or after it).
+        "first_sent_at": first_sent,
+        "handoffs": [[round(ended - first_sent, 4), round(gap, 4)] for ended, gap in gaps],
+        "submissions": [
+            [round(submission.sent_at - first_sent, 4), round(submission.latency, 4)]
+            for submission in submissions
+        ],
     }
 
 
