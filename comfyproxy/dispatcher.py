@@ -506,16 +506,20 @@ class TaskRun:
             raise Detached()
 
     async def _record(self, outcome: dispatch.Outcome) -> None:
+        db, task_id = self.dispatcher.db, self.task.id
         while True:
             try:
-                task = await self.dispatcher.db.call(
-                    dispatch.finish_task, self._lease(), self.task.id, outcome
-                )
+                lease = self._lease()
+                if self.dispatcher.may_claim():
+                    # The slot this run frees is claimed in the same transaction.
+                    task, claim = await db.call(dispatch.finish_task_and_claim, lease, task_id, outcome)
+                else:
+                    task, claim = await db.call(dispatch.finish_task, lease, task_id, outcome), None
                 break
             except DATABASE_ERRORS as error:
                 log_event("finish_failed", self.task, level=logging.WARNING, error=repr(str(error)))
                 await self._wait(until=time.monotonic() + 1.0)
-        self.dispatcher.slot_freed()
+        self.dispatcher.slot_freed(claim)
         if task is None:
             log_event("already_finished", self.task)
             return
@@ -755,16 +759,8 @@ class Dispatcher:
     async def _dispatch(self) -> int:
         started = 0
         while not self._slots_full and not self._stopping.is_set():
-            claim = await self.db.call(dispatch.claim, self.current_lease())
-            self._slots_full = claim.free_slots == 0
-            if claim.assignment is None:
-                self._freed_at.clear()  # nobody was waiting for those slots
+            if not self._take(await self.db.call(dispatch.claim, self.current_lease())):
                 break
-            if self._freed_at:
-                self._record_handoff(time.monotonic() - self._freed_at.popleft())
-            task = claim.assignment.task
-            log_event("claimed", task, waited=_took(task.queued_at, task.started_at))
-            self._start_run(claim.assignment, resumed=False)
             started += 1
         if started:
             self._publisher.request()
@@ -815,10 +811,30 @@ class Dispatcher:
         if self.runs.get(run.task.id) is run:
             del self.runs[run.task.id]
 
-    def slot_freed(self) -> None:
-        """A run ended: hand its slot on now, then tell everyone."""
+    def _take(self, claim: dispatch.Claim) -> bool:
+        """Start the run a claim assigned; False if it found nothing that could start."""
+        self._slots_full = claim.free_slots == 0
+        if claim.assignment is None:
+            self._freed_at.clear()  # nobody was waiting for those slots
+            return False
+        if self._freed_at:
+            self._record_handoff(time.monotonic() - self._freed_at.popleft())
+        task = claim.assignment.task
+        log_event("claimed", task, waited=_took(task.queued_at, task.started_at))
+        self._start_run(claim.assignment, resumed=False)
+        return True
+
+    def may_claim(self) -> bool:
+        """Whether a run that ends may claim the next task along with recording its own end."""
+        return self.holds_lease() and not self._stopping.is_set()
+
+    def slot_freed(self, claim: dispatch.Claim | None = None) -> None:
+        """A run ended: hand its slot on now (`claim`: what was claimed with the run's end),
+        then tell everyone. The loop still looks, for slots that claim could not fill."""
         self._freed_at.append(time.monotonic())
         self._slots_full = False
+        if claim is not None:
+            self._take(claim)
         self.wake()
         self._publisher.request()
 

@@ -314,6 +314,47 @@ def test_completion_keeps_comfyuis_outputs_and_clears_the_reason(lease, students
     assert dispatch.finish_task(lease, task.id, dispatch.lost()) is None
 
 
+def test_finishing_with_a_claim_hands_the_freed_slot_on_at_once(lease, students, queue_settings):
+    ann, ben, cat = students
+    queue_settings.max_concurrent_override = 1
+    queue_settings.save()
+    running = submit(ann)
+    waiting = [submit(ben), submit(cat)]
+    dispatch.claim_next_task(lease)
+
+    finished, claim = dispatch.finish_task_and_claim(lease, running.id, dispatch.completed(entry("success")))
+
+    assert (finished.id, finished.status) == (running.id, TaskStatus.COMPLETED)
+    assert claim.assignment.task.id == waiting[0].id  # FIFO, and the cap of one still holds
+    assert claim.free_slots == 0
+    statuses = dict(Task.objects.values_list("id", "status"))
+    assert statuses == {
+        running.id: TaskStatus.COMPLETED,
+        waiting[0].id: TaskStatus.PROCESSING,
+        waiting[1].id: TaskStatus.QUEUED,
+    }
+
+
+def test_finishing_with_a_claim_claims_nothing_while_paused_and_is_fenced(lease, students, queue_settings):
+    ann, ben, _cat = students
+    running = submit(ann)
+    waiting = submit(ben)
+    dispatch.claim_next_task(lease)
+    queue_settings.paused = True
+    queue_settings.save()
+
+    finished, claim = dispatch.finish_task_and_claim(lease, running.id, dispatch.completed(entry("success")))
+
+    assert finished.status == TaskStatus.COMPLETED
+    assert claim == dispatch.Claim(None, free_slots=0)
+    waiting.refresh_from_db()
+    assert waiting.status == TaskStatus.QUEUED
+    expire_lease()
+    dispatch.acquire_lease("dispatcher-b", LEASE)
+    with pytest.raises(dispatch.LeaseLost):
+        dispatch.finish_task_and_claim(lease, waiting.id, dispatch.lost())
+
+
 def test_validation_failure_stores_comfyuis_error_and_node_errors(lease, students):
     submit(students[0])
     task = dispatch.claim_next_task(lease).task
