@@ -825,8 +825,9 @@ class Dispatcher:
         return True
 
     def may_claim(self) -> bool:
-        """Whether a run that ends may claim the next task along with recording its own end."""
-        return self.holds_lease() and not self._stopping.is_set()
+        """Whether a run that ends may claim the next task along with recording its own end
+        (the lease it records under is checked by the caller, as for every write)."""
+        return not self._stopping.is_set()
 
     def slot_freed(self, claim: dispatch.Claim | None = None) -> None:
         """A run ended: hand its slot on now (`claim`: what was claimed with the run's end),
