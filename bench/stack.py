@@ -95,7 +95,8 @@ class Stack:
         return {
             "nginx": [self.nginx.pid, *_children(self.nginx.pid)],
             "web": [self.web.pid, *_children(self.web.pid)],
-            "dispatcher": [self.dispatcher.pid],
+            # With the child that builds its queue snapshots.
+            "dispatcher": [self.dispatcher.pid, *_children(self.dispatcher.pid)],
             "emulator": [self.emulator.process.pid],
             "redis": [self.redis.pid],
             "load generator": [os.getpid()],

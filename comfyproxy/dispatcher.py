@@ -14,7 +14,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import signal
 import sys
 import time
@@ -42,8 +41,9 @@ from comfyproxy.comfy.client import (
     PromptState,
 )
 from comfyproxy.comfy.watcher import InstanceWatchers
-from comfyproxy.services import broadcast, dispatch
+from comfyproxy.services import dispatch
 from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL
+from comfyproxy.snapshots import SnapshotProcess, SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -143,56 +143,6 @@ class Database:
     def close(self) -> None:
         self._executor.submit(connections.close_all).result()
         self._executor.shutdown(wait=True)
-
-
-class SnapshotPublisher:
-    """Sends the live queue state after changes, coalesced and kept off the hand-off path.
-
-    A snapshot of a full class takes about 15 ms of CPU in this process (300 tasks), and
-    threads share one interpreter lock, so: at most one send in flight, one more afterwards
-    if anything changed meanwhile (a burst of 300 submissions costs a handful of sends, not
-    300), a short settle delay so the hand-off that caused a change is in the snapshot, no
-    build while a hand-off is under way (`handoff_idle`, waited for up to MAX_DEFER_SECONDS),
-    and a pause after each send of twice its duration (at least MIN_GAP_SECONDS), so
-    snapshots never take more than a third of the process's time.
-    """
-
-    SETTLE_SECONDS = 0.02
-    MIN_GAP_SECONDS = 0.05
-    MAX_DEFER_SECONDS = 0.1
-
-    def __init__(self, handoff_idle: asyncio.Event | None = None):
-        self._pending = False
-        self._task: asyncio.Task | None = None
-        self._next_allowed = -math.inf
-        self._handoff_idle = handoff_idle
-
-    def request(self) -> None:
-        self._pending = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._send_while_pending(), name="queue snapshot")
-
-    async def _send_while_pending(self) -> None:
-        while self._pending:
-            await asyncio.sleep(max(self.SETTLE_SECONDS, self._next_allowed - time.monotonic()))
-            if self._handoff_idle is not None and not self._handoff_idle.is_set():
-                # A claim or POST /prompt would wait for the interpreter lock behind the build.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._handoff_idle.wait(), self.MAX_DEFER_SECONDS)
-            self._pending = False
-            began = time.monotonic()
-            try:
-                await broadcast.broadcast_queue_snapshot()
-            except Exception as error:  # live state is best effort; the database is the truth
-                logger.warning("event=broadcast_failed error=%r", error)
-            ended = time.monotonic()
-            self._next_allowed = ended + max(self.MIN_GAP_SECONDS, 2 * (ended - began))
-            log_event("broadcast", level=logging.DEBUG, took=f"{ended - began:.3f}s")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._pending = False
-            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class Detached(Exception):
@@ -544,6 +494,7 @@ class Dispatcher:
         comfy: ComfyClient | None = None,
         redis_url: str | None = None,
         holder: str | None = None,
+        snapshots: "SnapshotPublisher | SnapshotProcess | None" = None,
     ):
         self.config = config or DispatcherConfig.from_settings()
         self.comfy = comfy or ComfyClient()
@@ -564,7 +515,9 @@ class Dispatcher:
         self._handoff_idle.set()
         self._handoffs = 0
         self._dispatching = False
-        self._publisher = SnapshotPublisher(self._handoff_idle)
+        # Queue snapshots for the students' sockets: built in this process unless given a
+        # child process to build them (as `manage.py comfy_dispatcher` does, see snapshots.py).
+        self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from comfyproxy import dispatcher as dispatcher_module
-from comfyproxy.dispatcher import SnapshotPublisher
+from comfyproxy.services import broadcast as broadcast_module
+from comfyproxy.snapshots import SnapshotPublisher
 
 
 class Sends:
@@ -26,7 +26,7 @@ class Sends:
 @pytest.fixture
 def sends(monkeypatch):
     recorder = Sends()
-    monkeypatch.setattr(dispatcher_module.broadcast, "broadcast_queue_snapshot", recorder)
+    monkeypatch.setattr(broadcast_module, "broadcast_queue_snapshot", recorder)
     return recorder
 
 

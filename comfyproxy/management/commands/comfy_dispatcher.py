@@ -6,6 +6,7 @@ import logging
 from django.core.management.base import BaseCommand
 
 from comfyproxy.dispatcher import Dispatcher
+from comfyproxy.snapshots import SnapshotProcess
 
 LOG_LEVELS = {0: logging.WARNING, 1: logging.INFO}
 
@@ -18,4 +19,5 @@ class Command(BaseCommand):
 
     def handle(self, *args, verbosity: int, **options):
         logging.getLogger("comfyproxy").setLevel(LOG_LEVELS.get(verbosity, logging.DEBUG))
-        asyncio.run(Dispatcher().serve())
+        # Snapshots in a child process: their CPU never holds up a hand-off (see snapshots.py).
+        asyncio.run(Dispatcher(snapshots=SnapshotProcess()).serve())
