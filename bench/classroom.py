@@ -30,6 +30,7 @@ bench/results/classroom-<time>.json. bench/README.md explains each figure.
 import argparse
 import asyncio
 import bisect
+import collections
 import contextlib
 import getpass
 import http.client
@@ -53,6 +54,7 @@ import httpx
 import uvloop
 import websockets
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
 
 from bench.gate_bench import BASELINE_CONFIG, FRONTEND, NGINX, WARM_UP, Route, frontend_files
 from bench.queue_bench import handoffs, percentile
@@ -223,6 +225,33 @@ class Frame:
     tasks: tuple[tuple[str, str, int], ...]
 
 
+class StampedConnection(websockets.ClientConnection):
+    """A client connection that notes when each message's bytes reached this process.
+
+    One process plays the whole class: when a broadcast reaches 300 sockets at once, the
+    reader tasks parse them one after another, so a time taken in the reader would add
+    the parsing of every other student's frame to the last student's latency. A real
+    class has a browser per student; the time the bytes were read off the socket is
+    what each of them would see.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrivals: collections.deque[float] = collections.deque()
+        self._read_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = time.time()
+        super().data_received(data)
+
+    def process_event(self, event) -> None:
+        # The server sends each message as one frame (no fragments): one stamp per message.
+        # (The handshake's response is an event too, without an opcode.)
+        if getattr(event, "opcode", None) in (Opcode.TEXT, Opcode.BINARY):
+            self.arrivals.append(self._read_at)
+        super().process_event(event)
+
+
 class QueueSocket:
     """One student's queue socket on the ComfyUI origin, keeping every frame with its arrival time."""
 
@@ -244,13 +273,14 @@ class QueueSocket:
             additional_headers={"Cookie": access_headers(stack, student)["Cookie"]},
             max_queue=None,
             open_timeout=60,
+            create_connection=StampedConnection,
         )
         return cls(student, connection, changed)
 
     async def _read(self) -> None:
         try:
             async for raw in self.connection:
-                arrival = time.time()
+                arrival = self.connection.arrivals.popleft()
                 message = json.loads(raw)
                 tasks = tuple(
                     (task["task_id"], task["status"], task["position"]) for task in message["tasks"]
@@ -422,7 +452,7 @@ async def memory_phase(
                 {
                     "web_mb": sum(memory_mb(pid, "VmRSS") for pid in stack.web_pids()),
                     "web_worker_max_mb": max(memory_mb(pid, "VmRSS") for pid in stack.web_pids()),
-                    "dispatcher_mb": memory_mb(stack.dispatcher.pid, "VmRSS"),
+                    "dispatcher_mb": sum(memory_mb(pid, "VmRSS") for pid in stack.components()["dispatcher"]),
                 }
             )
             with contextlib.suppress(TimeoutError):
@@ -791,6 +821,9 @@ def push_figures(records: list[TaskRecord], pairs, frames_by_task: dict, settled
         "push_never_shown": never_shown,
         "push_steps_p50_ms": {
             name: round(statistics.median(values), 1) if values else None for name, values in steps.items()
+        },
+        "push_steps_p90_ms": {
+            name: round(percentile(values, 90), 1) if values else None for name, values in steps.items()
         },
     }
 
