@@ -35,13 +35,14 @@ class SnapshotPublisher:
     A snapshot of a full class takes about 10 ms of CPU (300 tasks), so: at most one send in
     flight, one more afterwards if anything changed meanwhile (a burst of 300 submissions
     costs a handful of sends, not 300), a short settle delay to gather a change's neighbours,
-    and a pause after each send of `gap_factor` times its duration (at least
-    `min_gap_seconds`), which bounds the share of the process's time snapshots take.
+    and a budget: snapshots take at most `share` of the time over any stretch longer than
+    `burst_seconds` of building (a token bucket: a few snapshots go out back to back, then
+    each waits for its share), and at least `min_gap_seconds` pass between two.
 
     In the dispatcher's own process (as when tests run it on a thread) it shares the
     interpreter lock with hand-offs, so there it builds no snapshot while one is under way
     (`handoff_idle`, waited for up to MAX_DEFER_SECONDS) and takes at most a third of the
-    time; the snapshot child (`SnapshotProcess`) runs one with neither limit but a half.
+    time; the snapshot child (`SnapshotProcess`) runs one without the deferral and the gap.
     """
 
     SETTLE_SECONDS = 0.002
@@ -53,14 +54,19 @@ class SnapshotPublisher:
         handoff_idle: asyncio.Event | None = None,
         *,
         min_gap_seconds: float = MIN_GAP_SECONDS,
-        gap_factor: float = 2.0,
+        share: float = 1 / 3,
+        burst_seconds: float = 0.0,
     ):
         self._pending = False
         self._task: asyncio.Task | None = None
         self._next_allowed = -math.inf
         self._handoff_idle = handoff_idle
         self._min_gap_seconds = min_gap_seconds
-        self._gap_factor = gap_factor
+        self._share = share
+        self._burst_seconds = burst_seconds
+        # Building time still allowed now (negative: owed), as of `_budget_at`.
+        self._budget = burst_seconds
+        self._budget_at = -math.inf
 
     def request(self) -> None:
         self._pending = True
@@ -84,8 +90,16 @@ class SnapshotPublisher:
             except Exception as error:  # live state is best effort; the database is the truth
                 logger.warning("event=broadcast_failed error=%r", error)
             ended = time.monotonic()
-            self._next_allowed = ended + max(self._min_gap_seconds, self._gap_factor * (ended - began))
+            self._next_allowed = ended + max(self._min_gap_seconds, self._spend(began, ended))
             logger.debug("event=broadcast took=%.3fs", ended - began)
+
+    def _spend(self, began: float, ended: float) -> float:
+        """Charge a send to the budget; how long the next must wait for its share."""
+        earned = min(self._burst_seconds, self._budget + (began - self._budget_at) * self._share)
+        took = ended - began
+        self._budget = earned - took * (1 - self._share)
+        self._budget_at = ended
+        return max(0.0, -self._budget / self._share)
 
     async def aclose(self) -> None:
         """Stop; a snapshot being sent is finished, one only requested is not."""
@@ -151,8 +165,10 @@ class SnapshotProcess:
 
 async def serve(requests_fd: int) -> None:
     """Send a snapshot after each request read from `requests_fd`, until it closes."""
-    # No hand-off to keep out of the way here; half of this process's time at most.
-    publisher = SnapshotPublisher(min_gap_seconds=0.0, gap_factor=1.0)
+    # No hand-off to keep out of the way here: no minimum gap, so a run's end is shown at
+    # once, and up to half of this process's time (a third, or a budget of a third, left
+    # positions waiting after a class's burst: bench/README.md).
+    publisher = SnapshotPublisher(min_gap_seconds=0.0, share=1 / 2)
     loop = asyncio.get_running_loop()
     closed = asyncio.Event()
 
