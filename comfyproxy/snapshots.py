@@ -28,6 +28,9 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
+# How much lower the child's CPU priority is than the dispatcher's.
+NICENESS = 5
+
 
 class SnapshotPublisher:
     """Sends the live queue state after changes, coalesced.
@@ -193,6 +196,9 @@ async def serve(requests_fd: int) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Under a burst of submissions the web server and the hand-offs come first; when the CPU
+    # is free, as between a class's submissions, snapshots still go out at once.
+    os.nice(NICENESS)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "teaching.settings")
     import django
 

@@ -2,6 +2,7 @@
 process on this test's database and Redis, watched through a real queue WebSocket."""
 
 import asyncio
+import os
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -10,7 +11,7 @@ from django.conf import settings
 from django.test import Client
 
 from comfyproxy.services import queue
-from comfyproxy.snapshots import SnapshotProcess
+from comfyproxy.snapshots import NICENESS, SnapshotProcess
 from teaching.asgi import application
 from tests.dispatcher_fixtures import test_database_url
 
@@ -79,6 +80,9 @@ async def test_a_change_reaches_the_sockets_through_the_child(student, student_s
     snapshots.request()
     frame = await frame_showing(communicator, {first, second})
     assert [task["position"] for task in frame["tasks"]] == [1, 2]
+    # It yields the CPU to the web server and the dispatcher when they need it.
+    child_priority = os.getpriority(os.PRIO_PROCESS, snapshots._process.pid)
+    assert child_priority == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS
     await communicator.disconnect()
 
 
