@@ -471,9 +471,13 @@ def run(options: Options, workdir: Path) -> dict:
         )
         stack.callback(stop_process, dispatcher)
         wait_until(
-            lambda: "event=lease_acquired" in dispatcher_log.read_text(errors="replace"),
+            # And its snapshot child has started (it imports Django: most of a second of CPU).
+            lambda: all(
+                event in dispatcher_log.read_text(errors="replace")
+                for event in ("event=lease_acquired", "event=snapshot_process_ready")
+            ),
             timeout=60,
-            message="the dispatcher to take the lease",
+            message="the dispatcher to take the lease and start its snapshot child",
         )
 
         processes = {"dispatcher": dispatcher, "web": web, "emulator": emulator.process, "redis": redis}

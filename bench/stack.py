@@ -332,6 +332,7 @@ def running_stack(workdir: Path, options: StackOptions):
                 message="every uvicorn worker",
             )
         _wait_for_text(dispatcher_log, "event=lease_acquired", dispatcher, "the dispatcher")
+        _wait_for_text(dispatcher_log, "event=snapshot_process_ready", dispatcher, "the snapshot child")
         for port in (site_port, comfy_port):
             wait_for_port(port, timeout=START_TIMEOUT, process=nginx)
         started = Stack(

@@ -105,11 +105,12 @@ STOPPED_SENDING_TTL = 3600
 class Database:
     """Runs ORM calls on one thread of the dispatcher's own, over a connection kept open.
 
-    The broadcast builds its snapshot on asgiref's shared thread; keeping the dispatcher's
-    writes off it means a snapshot never delays a hand-off. Django's per-request connection
-    age does not fit a loop that runs for weeks and hands off slots in milliseconds, so the
-    connection outlives calls instead: it is dropped after any database error and checked
-    before reuse once it has sat idle, so a database restart costs one failed call.
+    A snapshot built in this process (when there is no snapshot child) runs on asgiref's
+    shared thread; keeping the dispatcher's writes off it means it never delays a hand-off.
+    Django's per-request connection age does not fit a loop that runs for weeks and hands
+    off slots in milliseconds, so the connection outlives calls instead: it is dropped after
+    any database error and checked before reuse once it has sat idle, so a database restart
+    costs one failed call.
     """
 
     IDLE_CHECK_SECONDS = 30.0
@@ -916,6 +917,9 @@ class Dispatcher:
 
     async def run(self) -> None:
         log_event("started", holder=self.holder)
+        # Sockets get the state as this dispatcher finds it; a snapshot child starts now,
+        # not with a class's first submission (its start costs most of a second of CPU).
+        self._publisher.request()
         await self.warm_up()
         background = [
             asyncio.create_task(self._keep_lease(), name="lease"),

@@ -26,10 +26,13 @@ import time
 
 from django.conf import settings
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as a program, this module is "__main__".
+logger = logging.getLogger("comfyproxy.snapshots")
 
 # How much lower the child's CPU priority is than the dispatcher's.
 NICENESS = 5
+# The dispatcher's log level for the comfyproxy loggers, passed on to the child.
+LOG_LEVEL_VARIABLE = "COMFYPROXY_SNAPSHOT_LOG_LEVEL"
 
 
 class SnapshotPublisher:
@@ -146,10 +149,13 @@ class SnapshotProcess:
         if self._process is not None:
             logger.warning("event=snapshot_process_restarted returncode=%s", self._process.poll())
             self._process.stdin.close()
+        # It logs as verbosely as the dispatcher (`comfy_dispatcher -v`).
+        level = logging.getLogger("comfyproxy").getEffectiveLevel()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "comfyproxy.snapshots"],
             stdin=subprocess.PIPE,
             cwd=settings.BASE_DIR,
+            env={**os.environ, LOG_LEVEL_VARIABLE: str(level)},
         )
         os.set_blocking(self._process.stdin.fileno(), False)
 
@@ -189,6 +195,8 @@ async def serve(requests_fd: int) -> None:
     os.set_blocking(requests_fd, False)
     loop.add_reader(requests_fd, read_requests)
     publisher.request()  # the state as it is now: requests made before this process began
+    await publisher.drain()
+    logger.info("event=snapshot_process_ready pid=%d", os.getpid())
     await closed.wait()
     await publisher.drain()
 
@@ -203,6 +211,8 @@ def main() -> None:
     import django
 
     django.setup()
+    if LOG_LEVEL_VARIABLE in os.environ:
+        logging.getLogger("comfyproxy").setLevel(int(os.environ[LOG_LEVEL_VARIABLE]))
     asyncio.run(serve(sys.stdin.fileno()))
 
 
