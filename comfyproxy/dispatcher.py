@@ -518,7 +518,15 @@ class Dispatcher:
         self._dispatching = False
         # Queue snapshots for the students' sockets: built in this process unless given a
         # child process to build them (as `manage.py comfy_dispatcher` does, see snapshots.py).
-        self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
+        self._snapshot_process = snapshots if isinstance(snapshots, SnapshotProcess) else None
+        if self._snapshot_process is not None:
+            # The child is asked once no hand-off is under way: its build would compete with
+            # the hand-off for the CPU. No settle beyond a moment, no gap: asking is a byte.
+            self._publisher = SnapshotPublisher(
+                self._handoff_idle, min_gap_seconds=0.0, share=1.0, send=self._ask_snapshot_process
+            )
+        else:
+            self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.
@@ -778,6 +786,9 @@ class Dispatcher:
         self._start_run(claim.assignment, resumed=False)
         return True
 
+    async def _ask_snapshot_process(self) -> None:
+        self._snapshot_process.request()
+
     def may_claim(self) -> bool:
         """Whether a run that ends may claim the next task along with recording its own end
         (the lease it records under is checked by the caller, as for every write)."""
@@ -947,6 +958,8 @@ class Dispatcher:
                 run.asyncio_task.cancel()
             await self._wait_for_runs(within=None)
             await self._publisher.aclose()
+            if self._snapshot_process is not None:
+                await self._snapshot_process.aclose()
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
             if self._stopping_sends is not None:
                 await asyncio.gather(self._stopping_sends, return_exceptions=True)

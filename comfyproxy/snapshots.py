@@ -62,12 +62,15 @@ class SnapshotPublisher:
         min_gap_seconds: float = MIN_GAP_SECONDS,
         share: float = 1 / 3,
         burst_seconds: float = 0.0,
+        send=None,
     ):
         self._pending = False
         self._task: asyncio.Task | None = None
         self._next_allowed = -math.inf
         self._handoff_idle = handoff_idle
         self._min_gap_seconds = min_gap_seconds
+        # What a send does (async, no arguments); by default, build and broadcast a snapshot.
+        self._send = send
         self._share = share
         self._burst_seconds = burst_seconds
         # Building time still allowed now (negative: owed), as of `_budget_at`.
@@ -92,7 +95,7 @@ class SnapshotPublisher:
             self._pending = False
             began = time.monotonic()
             try:
-                await broadcast.broadcast_queue_snapshot()
+                await (self._send or broadcast.broadcast_queue_snapshot)()
             except Exception as error:  # live state is best effort; the database is the truth
                 logger.warning("event=broadcast_failed error=%r", error)
             ended = time.monotonic()
