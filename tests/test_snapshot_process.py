@@ -7,13 +7,11 @@ import os
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing.websocket import WebsocketCommunicator
-from django.conf import settings
-from django.test import Client
 
 from comfyproxy.services import queue
 from comfyproxy.snapshots import NICENESS, SnapshotProcess
-from teaching.asgi import application
 from tests.dispatcher_fixtures import test_database_url
+from tests.test_consumers import connected, session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,21 +34,7 @@ def student_socket(student, register_instance):
     register_instance(student, 8189)
 
     async def connect() -> WebsocketCommunicator:
-        client = Client()
-        await sync_to_async(client.force_login)(student)
-        cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
-        communicator = WebsocketCommunicator(
-            application,
-            "/ws/comfy_proxy/queue/",
-            headers=[
-                (b"origin", settings.SITE_ORIGIN.encode()),
-                (b"host", b"127.0.0.1:8080"),
-                (b"cookie", cookie.encode()),
-            ],
-        )
-        accepted, _ = await communicator.connect()
-        assert accepted
-        await communicator.receive_json_from()  # the state read on connect
+        communicator, _state_on_connect = await connected(await sync_to_async(session_cookie)(student))
         return communicator
 
     return connect
