@@ -41,6 +41,7 @@ from comfyproxy.comfy.client import (
     PromptState,
 )
 from comfyproxy.comfy.watcher import InstanceWatchers
+from comfyproxy.models import Task
 from comfyproxy.services import dispatch
 from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL
 from comfyproxy.snapshots import SnapshotProcess, SnapshotPublisher
@@ -463,7 +464,7 @@ class TaskRun:
                 lease = self._lease()
                 if self.dispatcher.may_claim():
                     # The slot this run frees is claimed in the same transaction.
-                    task, claim = await db.call(dispatch.finish_task_and_claim, lease, task_id, outcome)
+                    task, claim = await self.dispatcher.finish_and_claim(lease, task_id, outcome)
                 else:
                     task, claim = await db.call(dispatch.finish_task, lease, task_id, outcome), None
                 break
@@ -528,6 +529,9 @@ class Dispatcher:
         else:
             self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
+        # Runs' ends waiting to be recorded, and the task recording them (`finish_and_claim`).
+        self._ends: list[tuple[dispatch.Lease, uuid.UUID, dispatch.Outcome, asyncio.Future]] = []
+        self._recording_ends: asyncio.Task | None = None
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.
         self._slots_full = False  # the last claim found every slot taken; nothing freed one since
@@ -785,6 +789,39 @@ class Dispatcher:
         log_event("claimed", task, waited=_took(task.queued_at, task.started_at))
         self._start_run(claim.assignment, resumed=False)
         return True
+
+    async def finish_and_claim(
+        self, lease: dispatch.Lease, task_id, outcome: dispatch.Outcome
+    ) -> tuple[Task | None, dispatch.Claim]:
+        """`dispatch.finish_task_and_claim`; runs that end while one is being recorded are
+        recorded together next, in one transaction (`dispatch.finish_tasks_and_claim`)."""
+        future = asyncio.get_running_loop().create_future()
+        self._ends.append((lease, task_id, outcome, future))
+        if self._recording_ends is None or self._recording_ends.done():
+            self._recording_ends = asyncio.create_task(self._record_ends(), name="record ends")
+            self._side_tasks.add(self._recording_ends)
+            self._recording_ends.add_done_callback(self._side_tasks.discard)
+        return await future
+
+    async def _record_ends(self) -> None:
+        while self._ends:
+            lease = self._ends[0][0]
+            batch = [end for end in self._ends if end[0] == lease]
+            self._ends = [end for end in self._ends if end[0] != lease]
+            try:
+                results = await self.db.call(
+                    dispatch.finish_tasks_and_claim,
+                    lease,
+                    [(task_id, outcome) for _, task_id, outcome, _ in batch],
+                )
+            except Exception as error:  # each run handles it as its own (retry, or detach)
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (*_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     async def _ask_snapshot_process(self) -> None:
         self._snapshot_process.request()

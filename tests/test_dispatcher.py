@@ -20,6 +20,7 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
+from comfyproxy.comfy.client import HistoryEntry
 from comfyproxy.emulator.data import load_workflow
 from comfyproxy.metrics import HANDOFF_KEY
 from comfyproxy.models import TERMINAL_STATUSES, DispatcherLease, Task, TaskReason, TaskStatus
@@ -27,6 +28,7 @@ from comfyproxy.services import control, dispatch
 from comfyproxy.services import queue as queue_service
 from comfyproxy.services.broadcast import OWNERS_GROUP
 from comfyproxy.services.notify import QUEUE_CHANGED_CHANNEL, redis_connection
+from tests.dispatcher_fixtures import make_dispatcher
 from tests.emulator_fixtures import WebSocketRecorder
 from tests.harness import start_redis
 from tests.processes import stop_process, wait_for_port, wait_until
@@ -578,3 +580,39 @@ def test_a_slot_handed_to_a_waiting_task_is_recorded_as_a_hand_off(
     counts = {key.decode(): value for key, value in recorded.items() if key != b"sum"}
     assert sum(int(value) for value in counts.values()) == 1  # only bob waited for a slot
     assert 0 <= float(recorded[b"sum"]) < 5
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_runs_that_end_together_are_recorded_in_one_transaction(
+    make_student, register_instance, queue_settings, monkeypatch
+):
+    def three_running_tasks():
+        queue_settings.max_concurrent_override = 3
+        queue_settings.save()
+        for index in range(3):
+            student = make_student(f"together{index}")
+            register_instance(student, 8189 + index)
+            queue_service.submit_task(actor=student, owner=student, body={"prompt": workflow()})
+        lease = dispatch.acquire_lease("together", timedelta(seconds=30))
+        return lease, [dispatch.claim_next_task(lease).task for _ in range(3)]
+
+    lease, running = await sync_to_async(three_running_tasks)()
+    batches = []
+    record_together = dispatch.finish_tasks_and_claim
+
+    def spy(lease, ends):
+        batches.append([task_id for task_id, _outcome in ends])
+        return record_together(lease, ends)
+
+    monkeypatch.setattr(dispatch, "finish_tasks_and_claim", spy)
+    dispatcher = make_dispatcher()
+    success = dispatch.completed(HistoryEntry(status_str="success", messages=[], outputs={}))
+    try:
+        results = await asyncio.gather(
+            *(dispatcher.finish_and_claim(lease, task.id, success) for task in running)
+        )
+    finally:
+        await asyncio.to_thread(dispatcher.db.close)
+
+    assert batches == [[task.id for task in running]]
+    assert [finished.status for finished, _claim in results] == [TaskStatus.COMPLETED] * 3

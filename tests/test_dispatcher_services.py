@@ -409,3 +409,39 @@ def test_comfyui_failures_have_their_own_reason(error, reason):
     outcome = dispatch.comfy_failed(error)
     assert (outcome.status, outcome.reason) == (TaskStatus.FAILED, reason)
     assert outcome.message
+
+
+def test_runs_that_ended_together_are_recorded_and_handed_on_in_one_transaction(
+    lease, students, queue_settings, make_student, register_instance
+):
+    dan = make_student("dan")
+    register_instance(dan, 8189 + len(students))
+    ann, ben, cat = students
+    queue_settings.max_concurrent_override = 2
+    queue_settings.save()
+    running = [submit(ann), submit(ben)]
+    waiting = [submit(cat), submit(dan)]
+    dispatch.claim_next_task(lease)
+    dispatch.claim_next_task(lease)
+
+    ends = [(task.id, dispatch.completed(entry("success"))) for task in running]
+    (first, first_claim), (second, second_claim) = dispatch.finish_tasks_and_claim(lease, ends)
+
+    assert [first.id, second.id] == [task.id for task in running]
+    # Each end claims for the slot it freed, in FIFO order; the cap of two still holds.
+    assert [first_claim.assignment.task.id, second_claim.assignment.task.id] == [task.id for task in waiting]
+    assert [first_claim.free_slots, second_claim.free_slots] == [0, 0]
+    statuses = dict(Task.objects.values_list("id", "status"))
+    assert [statuses[task.id] for task in running] == [TaskStatus.COMPLETED] * 2
+    assert [statuses[task.id] for task in waiting] == [TaskStatus.PROCESSING] * 2
+
+
+def test_ends_recorded_together_are_fenced_together(lease, students):
+    submit(students[0])
+    task = dispatch.claim_next_task(lease).task
+    expire_lease()
+    dispatch.acquire_lease("dispatcher-b", LEASE)
+    with pytest.raises(dispatch.LeaseLost):
+        dispatch.finish_tasks_and_claim(lease, [(task.id, dispatch.completed(entry("success")))])
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING

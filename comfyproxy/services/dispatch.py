@@ -512,9 +512,17 @@ def finish_task_and_claim(lease: Lease, task_id, outcome: Outcome) -> tuple[Task
     The hand-off's two writes in one: during a burst of completions each would otherwise
     wait for the write lock (and the dispatcher's database thread) on its own.
     """
+    return finish_tasks_and_claim(lease, [(task_id, outcome)])[0]
+
+
+def finish_tasks_and_claim(lease: Lease, ends) -> list[tuple[Task | None, Claim]]:
+    """`finish_task_and_claim` for each (task id, outcome) of runs that ended together, in
+    order, in one transaction: a class's first runs end within milliseconds of each other,
+    and one transaction each queued them behind one another.
+    """
     with transaction.atomic():
         _fence(lease)
-        return _finish_fenced(task_id, outcome), _claim_fenced()
+        return [(_finish_fenced(task_id, outcome), _claim_fenced()) for task_id, outcome in ends]
 
 
 def _finish_fenced(task_id, outcome: Outcome) -> Task | None:
