@@ -529,9 +529,9 @@ class Dispatcher:
         else:
             self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
-        # Runs' ends waiting to be recorded, and the task recording them (`finish_and_claim`).
+        # Runs' ends waiting for the one being recorded (`finish_and_claim`).
         self._ends: list[tuple[dispatch.Lease, uuid.UUID, dispatch.Outcome, asyncio.Future]] = []
-        self._recording_ends: asyncio.Task | None = None
+        self._recording_ends = False
         # What a dispatch pass must look at. During a burst of submissions with every slot
         # taken, a pass then costs no database work at all.
         self._slots_full = False  # the last claim found every slot taken; nothing freed one since
@@ -795,33 +795,44 @@ class Dispatcher:
     ) -> tuple[Task | None, dispatch.Claim]:
         """`dispatch.finish_task_and_claim`; runs that end while one is being recorded are
         recorded together next, in one transaction (`dispatch.finish_tasks_and_claim`)."""
-        future = asyncio.get_running_loop().create_future()
-        self._ends.append((lease, task_id, outcome, future))
-        if self._recording_ends is None or self._recording_ends.done():
-            self._recording_ends = asyncio.create_task(self._record_ends(), name="record ends")
-            self._side_tasks.add(self._recording_ends)
-            self._recording_ends.add_done_callback(self._side_tasks.discard)
-        return await future
+        if self._recording_ends:
+            future = asyncio.get_running_loop().create_future()
+            self._ends.append((lease, task_id, outcome, future))
+            return await future
+        # Nothing being recorded: this end goes at once, from this run's own task.
+        self._recording_ends = True
+        try:
+            return await self.db.call(dispatch.finish_task_and_claim, lease, task_id, outcome)
+        finally:
+            if self._ends:
+                task = asyncio.create_task(self._record_queued_ends(), name="record ends")
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+            else:
+                self._recording_ends = False
 
-    async def _record_ends(self) -> None:
-        while self._ends:
-            lease = self._ends[0][0]
-            batch = [end for end in self._ends if end[0] == lease]
-            self._ends = [end for end in self._ends if end[0] != lease]
-            try:
-                results = await self.db.call(
-                    dispatch.finish_tasks_and_claim,
-                    lease,
-                    [(task_id, outcome) for _, task_id, outcome, _ in batch],
-                )
-            except Exception as error:  # each run handles it as its own (retry, or detach)
-                for *_, future in batch:
+    async def _record_queued_ends(self) -> None:
+        try:
+            while self._ends:
+                lease = self._ends[0][0]
+                batch = [end for end in self._ends if end[0] == lease]
+                self._ends = [end for end in self._ends if end[0] != lease]
+                try:
+                    results = await self.db.call(
+                        dispatch.finish_tasks_and_claim,
+                        lease,
+                        [(task_id, outcome) for _, task_id, outcome, _ in batch],
+                    )
+                except Exception as error:  # each run handles it as its own (retry, or detach)
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (*_, future), result in zip(batch, results, strict=True):
                     if not future.done():
-                        future.set_exception(error)
-                continue
-            for (*_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                        future.set_result(result)
+        finally:
+            self._recording_ends = False
 
     async def _ask_snapshot_process(self) -> None:
         self._snapshot_process.request()
