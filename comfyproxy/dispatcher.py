@@ -496,7 +496,7 @@ class Dispatcher:
         comfy: ComfyClient | None = None,
         redis_url: str | None = None,
         holder: str | None = None,
-        snapshots: "SnapshotPublisher | SnapshotProcess | None" = None,
+        snapshots: SnapshotProcess | None = None,
     ):
         self.config = config or DispatcherConfig.from_settings()
         self.comfy = comfy or ComfyClient()
@@ -519,15 +519,15 @@ class Dispatcher:
         self._dispatching = False
         # Queue snapshots for the students' sockets: built in this process unless given a
         # child process to build them (as `manage.py comfy_dispatcher` does, see snapshots.py).
-        self._snapshot_process = snapshots if isinstance(snapshots, SnapshotProcess) else None
-        if self._snapshot_process is not None:
+        self._snapshot_process = snapshots
+        if snapshots is not None:
             # The child is asked once no hand-off is under way: its build would compete with
             # the hand-off for the CPU. No settle beyond a moment, no gap: asking is a byte.
             self._publisher = SnapshotPublisher(
                 self._handoff_idle, min_gap_seconds=0.0, share=1.0, send=self._ask_snapshot_process
             )
         else:
-            self._publisher = snapshots or SnapshotPublisher(self._handoff_idle)
+            self._publisher = SnapshotPublisher(self._handoff_idle)
         self._side_tasks: set[asyncio.Task] = set()
         # Runs' ends waiting for the one being recorded (`finish_and_claim`).
         self._ends: list[tuple[dispatch.Lease, uuid.UUID, dispatch.Outcome, asyncio.Future]] = []

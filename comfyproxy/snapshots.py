@@ -41,9 +41,8 @@ class SnapshotPublisher:
     A snapshot of a full class takes about 10 ms of CPU (300 tasks), so: at most one send in
     flight, one more afterwards if anything changed meanwhile (a burst of 300 submissions
     costs a handful of sends, not 300), a short settle delay to gather a change's neighbours,
-    and a budget: snapshots take at most `share` of the time over any stretch longer than
-    `burst_seconds` of building (a token bucket: a few snapshots go out back to back, then
-    each waits for its share), and at least `min_gap_seconds` pass between two.
+    and after each send a pause that leaves sends `share` of the time (at least
+    `min_gap_seconds`).
 
     In the dispatcher's own process (as when tests run it on a thread) it shares the
     interpreter lock with hand-offs, so there it builds no snapshot while one is under way
@@ -61,7 +60,6 @@ class SnapshotPublisher:
         *,
         min_gap_seconds: float = MIN_GAP_SECONDS,
         share: float = 1 / 3,
-        burst_seconds: float = 0.0,
         send=None,
     ):
         self._pending = False
@@ -72,10 +70,6 @@ class SnapshotPublisher:
         # What a send does (async, no arguments); by default, build and broadcast a snapshot.
         self._send = send
         self._share = share
-        self._burst_seconds = burst_seconds
-        # Building time still allowed now (negative: owed), as of `_budget_at`.
-        self._budget = burst_seconds
-        self._budget_at = -math.inf
 
     def request(self) -> None:
         self._pending = True
@@ -99,16 +93,12 @@ class SnapshotPublisher:
             except Exception as error:  # live state is best effort; the database is the truth
                 logger.warning("event=broadcast_failed error=%r", error)
             ended = time.monotonic()
-            self._next_allowed = ended + max(self._min_gap_seconds, self._spend(began, ended))
+            self._next_allowed = ended + max(self._min_gap_seconds, self.pause_after(ended - began))
             logger.debug("event=broadcast took=%.3fs", ended - began)
 
-    def _spend(self, began: float, ended: float) -> float:
-        """Charge a send to the budget; how long the next must wait for its share."""
-        earned = min(self._burst_seconds, self._budget + (began - self._budget_at) * self._share)
-        took = ended - began
-        self._budget = earned - took * (1 - self._share)
-        self._budget_at = ended
-        return max(0.0, -self._budget / self._share)
+    def pause_after(self, took: float) -> float:
+        """How long to wait after a send that took `took`, so sends take `share` of the time."""
+        return took * (1 - self._share) / self._share
 
     async def aclose(self) -> None:
         """Stop; a snapshot being sent is finished, one only requested is not."""
@@ -178,8 +168,8 @@ class SnapshotProcess:
 async def serve(requests_fd: int) -> None:
     """Send a snapshot after each request read from `requests_fd`, until it closes."""
     # No hand-off to keep out of the way here: no minimum gap, so a run's end is shown at
-    # once, and up to half of this process's time (a third, or a budget of a third, left
-    # positions waiting after a class's burst: bench/README.md).
+    # once, and up to half of this process's time (a third left positions waiting after a
+    # class's burst: bench/README.md).
     publisher = SnapshotPublisher(min_gap_seconds=0.0, share=1 / 2)
     loop = asyncio.get_running_loop()
     closed = asyncio.Event()

@@ -76,28 +76,10 @@ async def test_changes_during_a_send_cost_one_more_send(sends):
     assert sends.count == 2
 
 
-def test_a_few_snapshots_go_back_to_back_then_each_waits_for_its_share():
-    publisher = SnapshotPublisher(min_gap_seconds=0.0, share=1 / 3, burst_seconds=0.1)
-    clock, waits = 0.0, []
-    for _ in range(8):  # sends of 30 ms each, the next one as soon as it is allowed
-        wait = publisher._spend(clock, clock + 0.03)
-        waits.append(round(wait, 6))
-        clock += 0.03 + wait
-    # 0.1 s of budget, 20 ms net per send (30 ms taken, 10 ms earned meanwhile): five free.
-    assert waits[:5] == [0.0] * 5
-    # Then a third of the time: each 30 ms send waits 60 ms, as long as the burst lasts.
-    assert waits[5:] == [0.06] * 3
-
-
-def test_after_a_quiet_spell_the_budget_is_full_again_but_no_fuller():
-    publisher = SnapshotPublisher(min_gap_seconds=0.0, share=1 / 3, burst_seconds=0.1)
-    for start in (0.0, 0.03, 0.06, 0.09, 0.12, 0.15):
-        publisher._spend(start, start + 0.03)
-    # An hour later: five sends free again, not 40,000.
-    waits = [publisher._spend(3600 + 0.03 * n, 3600 + 0.03 * (n + 1)) for n in range(6)]
-    assert [round(wait, 6) for wait in waits] == [0.0] * 5 + [0.06]
-
-
-def test_in_the_dispatchers_own_process_a_snapshot_is_followed_by_twice_its_time():
-    publisher = SnapshotPublisher()  # no burst: a third of the time, from the first send on
-    assert round(publisher._spend(10.0, 10.03), 6) == 0.06
+def test_the_pause_after_a_send_leaves_sends_their_share_of_the_time():
+    # In the dispatcher's own process: a third, so a 30 ms build is followed by 60 ms.
+    assert round(SnapshotPublisher().pause_after(0.03), 6) == 0.06
+    # The snapshot child: half.
+    assert round(SnapshotPublisher(share=1 / 2).pause_after(0.03), 6) == 0.03
+    # The dispatcher asking its child (a byte to a pipe): no pause.
+    assert SnapshotPublisher(share=1.0).pause_after(0.03) == 0.0
