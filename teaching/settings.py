@@ -132,8 +132,7 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"),
-        # Under ASGI each request runs its sync code on a thread of its own, so persistent
-        # connections would mean one per request in flight. PostgreSQL pools them (below).
+        # PostgreSQL pools its connections (below), which rules out persistent ones.
         conn_max_age=0,
         conn_health_checks=True,
     )
@@ -144,6 +143,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # is what surfaces as "database is locked"), and the timeout waits for it.
     # The same backend, except that a transaction waits for the write lock briskly (its docstring).
     DATABASES["default"]["ENGINE"] = "teaching.sqlite"
+    # Web requests run on threads kept between requests (teaching/request_threads.py):
+    # each keeps its connection rather than opening one per request.
+    DATABASES["default"]["CONN_MAX_AGE"] = 600
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
