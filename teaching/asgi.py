@@ -27,8 +27,8 @@ class SyncMiddlewareASGIHandler(ASGIHandler):
 
     def __init__(self):
         super().__init__()
-        # Enough for the requests a burst keeps in flight at once (they mostly wait their
-        # turn at the database's write lock); past that a request gets a thread of its own.
+        # More than the requests one process can move forward at once: one core runs its
+        # Python, and SQLite takes one writer at a time (PostgreSQL's pool holds 10).
         self.request_threads = RequestThreads(size=16)
 
     async def __call__(self, scope, receive, send):

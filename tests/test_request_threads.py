@@ -20,79 +20,110 @@ def on_thread() -> int:
 
 async def test_a_kept_thread_serves_one_request_after_another():
     threads = RequestThreads(size=2)
-    seen = []
-    for _request in range(3):
-        async with threads.context():
-            seen.append(await sync_to_async(on_thread)())
+    seen = [await request(threads) for _request in range(3)]
     assert len(set(seen)) == 1
     assert seen[0] != threading.get_ident()
     assert threads.idle_count == 2
 
 
-async def test_with_every_kept_thread_busy_a_request_runs_on_a_thread_of_its_own():
-    threads = RequestThreads(size=1)
-    release = threading.Event()
-    slow_started = asyncio.Event()
-    loop = asyncio.get_running_loop()
+class BlockedView:
+    """A view that holds its request's thread until released."""
 
-    def slow_view() -> int:
-        loop.call_soon_threadsafe(slow_started.set)
-        release.wait(timeout=30)
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = asyncio.Event()
+        self.finished = threading.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self) -> int:
+        self._loop.call_soon_threadsafe(self.started.set)
+        self.release.wait(timeout=30)
+        self.finished.set()
         return threading.get_ident()
 
-    async def slow_request() -> int:
-        async with threads.context():
-            return await sync_to_async(slow_view)()
 
-    slow = asyncio.create_task(slow_request())
-    await slow_started.wait()
-    assert threads.idle_count == 0
-
-    # The quick request is answered while the slow one still holds the only kept thread.
+async def request(threads: RequestThreads, view=on_thread):
     async with threads.context():
-        quick_thread = await sync_to_async(on_thread)()
-    assert not slow.done()
+        return await sync_to_async(view)()
 
-    release.set()
-    slow_thread = await slow
-    assert quick_thread != slow_thread
+
+async def test_requests_beyond_the_set_wait_their_turn_in_order_on_its_threads():
+    threads = RequestThreads(size=1, slow_seconds=30)
+    blocked = BlockedView()
+    first = asyncio.create_task(request(threads, blocked))
+    await blocked.started.wait()
+
+    served = []
+
+    async def queued(number: int):
+        served.append((number, await request(threads)))
+
+    waiting = []
+    for number in range(3):
+        waiting.append(asyncio.create_task(queued(number)))
+        await asyncio.sleep(0)  # each is waiting before the next arrives
+    assert not any(task.done() for task in waiting)
+
+    blocked.release.set()
+    kept_thread = await first
+    await asyncio.gather(*waiting)
+    assert served == [(0, kept_thread), (1, kept_thread), (2, kept_thread)]
     assert threads.idle_count == 1
 
 
+async def test_a_slow_request_gives_its_place_to_a_new_thread():
+    threads = RequestThreads(size=1, slow_seconds=0.05)
+    slow = BlockedView()
+    slow_request = asyncio.create_task(request(threads, slow))
+    await slow.started.wait()
+
+    # Answered while the slow request still holds the set's only thread.
+    quick_thread = await request(threads)
+    assert not slow_request.done()
+
+    slow.release.set()
+    slow_thread = await slow_request
+    assert quick_thread != slow_thread
+    # The slow request's thread ended with it; its place is the new thread's.
+    assert threads.idle_count == 1
+    assert await request(threads) == quick_thread
+
+
+async def test_a_request_cancelled_while_waiting_takes_no_thread():
+    threads = RequestThreads(size=1, slow_seconds=30)
+    blocked = BlockedView()
+    first = asyncio.create_task(request(threads, blocked))
+    await blocked.started.wait()
+    gave_up = asyncio.create_task(request(threads))
+    await asyncio.sleep(0)
+    gave_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gave_up
+
+    blocked.release.set()
+    kept_thread = await first
+    assert threads.idle_count == 1
+    assert await request(threads) == kept_thread
+
+
 async def test_a_thread_still_running_a_cancelled_request_is_not_lent_again():
-    threads = RequestThreads(size=1)
-    release = threading.Event()
-    view_started = asyncio.Event()
-    view_finished = threading.Event()
-    loop = asyncio.get_running_loop()
-
-    def view() -> None:
-        loop.call_soon_threadsafe(view_started.set)
-        release.wait(timeout=30)
-        view_finished.set()
-
-    async def request() -> int:
-        async with threads.context():
-            await sync_to_async(view)()
-
-    async with threads.context():
-        first_thread = await sync_to_async(on_thread)()
-
-    cancelled = asyncio.create_task(request())
-    await view_started.wait()
+    threads = RequestThreads(size=1, slow_seconds=30)
+    first_thread = await request(threads)
+    abandoned = BlockedView()
+    cancelled = asyncio.create_task(request(threads, abandoned))
+    await abandoned.started.wait()
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
 
     # The next request does not queue behind the abandoned view.
-    async with threads.context():
-        next_thread = await sync_to_async(on_thread)()
+    next_thread = await request(threads)
     assert next_thread != first_thread
-    assert not view_finished.is_set()
+    assert not abandoned.finished.is_set()
     assert threads.idle_count == 1
 
-    release.set()
-    assert await asyncio.to_thread(view_finished.wait, 30)
+    abandoned.release.set()
+    assert await asyncio.to_thread(abandoned.finished.wait, 30)
 
 
 @pytest.mark.django_db(transaction=True)
