@@ -57,6 +57,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 
 from bench.gate_bench import BASELINE_CONFIG, FRONTEND, NGINX, WARM_UP, Route, frontend_files
+from bench.machine import python_speed_ms
 from bench.queue_bench import handoffs, percentile
 from bench.stack import REPO_ROOT, Stack, StackOptions, memory_mb, running_stack
 from tests.processes import free_port, stop_process, wait_for_port
@@ -1134,7 +1135,8 @@ def print_report(result: dict) -> None:
         f"classroom: {options['students']} students, cap {options['cap']}, jobs of "
         f"{options['job'][0]}-{options['job'][1]} s, {options['database']}, "
         f"{options['web_workers']} uvicorn worker(s), {machine['cores']} cores; load average "
-        f"{machine['load_average_before'][0]} before, {machine['load_average_after'][0]} after\n"
+        f"{machine['load_average_before'][0]} before, {machine['load_average_after'][0]} after; "
+        f"Python speed probe {machine['python_loop_ms']} ms (bench/machine.py)\n"
     )
     rows = [("figure", "measured", "goal", "seed design", ""), *report_rows(result)]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
@@ -1206,7 +1208,11 @@ def parse_args(argv=None) -> Options:
 
 def main(argv=None) -> dict:
     options = parse_args(argv)
-    machine = {"cores": os.cpu_count(), "load_average_before": [round(load, 2) for load in os.getloadavg()]}
+    machine = {
+        "cores": os.cpu_count(),
+        "load_average_before": [round(load, 2) for load in os.getloadavg()],
+        "python_loop_ms": python_speed_ms(),
+    }
     workdir = Path(tempfile.mkdtemp(prefix="classroom-bench-"))
     stack_options = StackOptions(
         comfy_ports=options.students,

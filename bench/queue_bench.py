@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import python_speed_ms  # noqa: E402
 from tests.emulator_fixtures import start_emulator  # noqa: E402
 from tests.harness import start_redis  # noqa: E402
 from tests.processes import free_port, stop_process, wait_for_port, wait_until  # noqa: E402
@@ -397,7 +398,8 @@ def print_table(result: dict) -> None:
         f"\nqueue_bench: {options['tasks']} tasks from {options['students']} students, "
         f"cap {options['cap']}, {options['job_seconds']} s jobs, "
         f"arriving over {options['arrival_seconds']} s, {options['database']}, "
-        f"{options['web_workers']} uvicorn worker(s); load average {result['load_average'][0]:.2f}"
+        f"{options['web_workers']} uvicorn worker(s); load average {result['load_average'][0]:.2f}, "
+        f"Python speed probe {result.get('python_loop_ms', '-')} ms (bench/machine.py)"
     )
     width = max(len(row[0]) for row in rows)
     for name, value, note in rows:
@@ -531,9 +533,11 @@ def parse_options(argv=None) -> tuple[Options, argparse.Namespace]:
 
 def main(argv=None) -> int:
     options, args = parse_options(argv)
+    speed_ms = python_speed_ms()
     workdir = Path(tempfile.mkdtemp(prefix="queue-bench-"))
     try:
         result = run(options, workdir)
+        result["python_loop_ms"] = speed_ms
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}")
