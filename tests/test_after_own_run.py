@@ -2,6 +2,7 @@
 with slots free it must say so, not "starting now". On SQLite and PostgreSQL."""
 
 import json
+import math
 
 import pytest
 from django.utils import timezone
@@ -46,6 +47,9 @@ def test_the_reply_says_a_second_workflow_waits_for_the_first(
 
     assert (own["position"], own["message"]) == (1, AFTER_OWN_RUN)
     assert (other["position"], other["message"]) == (2, STARTING)
+    # Starting now waits for nothing; after one's own run, for about a run.
+    assert other["estimated_wait_seconds"] == 0
+    assert own["estimated_wait_seconds"] == math.ceil(queue_service.typical_run_seconds()) > 0
 
 
 def test_status_and_the_snapshot_say_the_same(class_with_free_slots, make_task, client_for):
@@ -80,3 +84,25 @@ def test_once_the_first_run_ends_the_second_is_starting(class_with_free_slots, m
     Task.objects.filter(pk=first.pk).update(status=TaskStatus.COMPLETED, finished_at=timezone.now())
 
     assert queue_service.describe_task(second)["message"] == STARTING
+
+
+@pytest.mark.parametrize(
+    ("position", "free_slots", "after_own_run", "runs"),
+    [
+        (1, 2, False, 0),  # a slot is free: it starts now
+        (2, 2, False, 0),
+        (2, 2, True, 1),  # a slot is free, but its owner's run goes first
+        (3, 2, False, 1),  # one slot must free up
+        (12, 2, False, 1),  # ten slots must free up: one round of the cap
+        (13, 2, False, 2),
+        (10, 0, False, 1),
+        (11, 0, False, 2),
+    ],
+)
+def test_the_wait_estimate_counts_rounds_of_runs_beyond_the_free_slots(
+    position, free_slots, after_own_run, runs
+):
+    estimate = queue_service.estimated_wait_seconds(
+        position, 10, 30.0, free_slots=free_slots, after_own_run=after_own_run
+    )
+    assert estimate == runs * 30

@@ -143,7 +143,11 @@ class _Describer:
             "reason": row[_REASON],
             "position": position,
             "estimated_wait_seconds": estimated_wait_seconds(
-                position, self.overview.max_concurrent, self.run_seconds
+                position,
+                self.overview.max_concurrent,
+                self.run_seconds,
+                free_slots=self.overview.available_slots,
+                after_own_run=after_own_run,
             ),
             "message": self.message(row, position, after_own_run),
             "after_own_run": after_own_run,

@@ -307,11 +307,22 @@ def typical_run_seconds() -> float:
     return value
 
 
-def estimated_wait_seconds(position: int, max_concurrent: int, run_seconds: float) -> int:
-    """Slots free up about once per run_seconds / cap; the task starts after `position` of them."""
+def estimated_wait_seconds(
+    position: int,
+    max_concurrent: int,
+    run_seconds: float,
+    *,
+    free_slots: int = 0,
+    after_own_run: bool = False,
+) -> int:
+    """About how long a waiting task waits: nothing if a slot is free for it (about one run if
+    it must first wait for its owner's run), else a run for each round of `max_concurrent`
+    slots that must free up before its turn."""
     if position <= 0:
         return 0
-    return math.ceil(math.ceil(position / max(max_concurrent, 1)) * run_seconds)
+    if position <= free_slots:
+        return math.ceil(run_seconds) if after_own_run else 0
+    return math.ceil(math.ceil((position - free_slots) / max(max_concurrent, 1)) * run_seconds)
 
 
 @dataclass(frozen=True)
@@ -447,7 +458,13 @@ def describe_task(
         "status": task.status,
         "reason": task.reason,
         "position": position,
-        "estimated_wait_seconds": estimated_wait_seconds(position, overview.max_concurrent, run_seconds),
+        "estimated_wait_seconds": estimated_wait_seconds(
+            position,
+            overview.max_concurrent,
+            run_seconds,
+            free_slots=overview.available_slots,
+            after_own_run=after_own_run,
+        ),
         "message": status_message(task, position, overview, after_own_run=after_own_run),
         "after_own_run": after_own_run,
         "username": task.owner.get_username(),
