@@ -137,8 +137,17 @@ class Task(models.Model):
                 condition=Q(status="queued"),
                 name="task_queued_order_idx",
             ),
-            models.Index(fields=["status", "owner"], name="task_status_owner_idx"),
+            # A student's active tasks; and, as it holds every column they read, the counts
+            # and position of a new submission (services.queue._queue_counts) without
+            # reading the rows: on SQLite, columns stored after a workflow's UI graph
+            # (tens of KB in extra_data) are reached only through its overflow pages.
+            models.Index(
+                fields=["status", "owner", "queue_order", "queued_at", "id"],
+                name="task_status_owner_order_idx",
+            ),
             models.Index(fields=["queued_at"], name="task_queued_at_idx"),
+            # The recently finished tasks the live queue shows, without reading the history.
+            models.Index(fields=["finished_at"], name="task_finished_at_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),

@@ -210,7 +210,9 @@ def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     queue_settings = QueueSettings.load()
     run_seconds = typical_run_seconds()
     shown_filter = Q(status__in=ACTIVE_STATUSES) | Q(finished_at__gte=timezone.now() - RECENTLY_FINISHED)
-    described = Task.objects.values_list(*_described_fields())
+    # Sorted below, not by the database: the default ordering would have it scan every task
+    # ever run rather than look the shown ones up by index.
+    described = Task.objects.order_by().values_list(*_described_fields())
     if owner_id is None:
         shown = list(described.filter(shown_filter))
         active = [
@@ -221,7 +223,9 @@ def read_queue_snapshot(*, owner_id: int | None = None) -> QueueSnapshot:
     else:
         # Positions and counts need everyone's waiting and running tasks, but only a few
         # columns of them (a class reconnecting at once reads this once per socket).
-        active = list(Task.objects.active().values_list("id", "status", "queue_order", "queued_at"))
+        active = list(
+            Task.objects.active().order_by().values_list("id", "status", "queue_order", "queued_at")
+        )
         shown = list(described.filter(shown_filter, owner_id=owner_id))
 
     # A waiting task's position is its rank among all waiting tasks, whoever owns them.
