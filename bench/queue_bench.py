@@ -399,7 +399,7 @@ def print_table(result: dict) -> None:
         f"cap {options['cap']}, {options['job_seconds']} s jobs, "
         f"arriving over {options['arrival_seconds']} s, {options['database']}, "
         f"{options['web_workers']} uvicorn worker(s); load average {result['load_average'][0]:.2f}, "
-        f"Python speed probe {result.get('python_loop_ms', '-')} ms (bench/machine.py)"
+        f"Python speed probe {result['python_loop_ms']} ms (bench/machine.py)"
     )
     width = max(len(row[0]) for row in rows)
     for name, value, note in rows:

@@ -2,9 +2,9 @@
 
 Django's ASGI handler gives every request a thread of its own (asgiref's
 ThreadSensitiveContext) and starts another to join it afterwards; the thread's database
-connection dies with it, so each request also opens one. During a class's burst of
-submissions that was a third of a web worker's CPU, and the more requests piled up, the
-more threads fought over the interpreter lock. Here a request borrows one of a fixed set
+connection dies with it, so each request also opens one. Keeping the threads cut a web
+worker's CPU per submission by about a fifth (bench/README.md, queue_bench), and a burst no
+longer piles up threads fighting over the interpreter lock. Here a request borrows one of a fixed set
 of threads, which keeps its connection (CONN_MAX_AGE) between requests, as a WSGI
 server's threads do; requests beyond the set wait their turn, first come first served.
 
@@ -57,7 +57,6 @@ class RequestThreads:
     """A set of `size` threads, each lent to one request at a time, on one event loop."""
 
     def __init__(self, size: int, name: str = "request", slow_seconds: float = SLOW_SECONDS):
-        self.size = size
         self.slow_seconds = slow_seconds
         self._name = name
         self._made = 0

@@ -3,8 +3,9 @@
 On SQLite a task's workflow and UI graph (tens of KB) spill into overflow pages, and the
 columns stored after them (status, queue order, times) are reached only through those
 pages: a statement that scans the task table reads every workflow ever submitted. With
-3,000 finished tasks of 60 KB each, the queue snapshot took 58 ms that way (11 ms now), and
-a submission's count of the queue 3.6 ms (0.13 ms). SQLite's own query plans show it.
+300 waiting and 3,000 finished tasks of 60 kB each, the queue snapshot took 60 ms of CPU
+that way (10-16 ms now), and a submission's counts 4.0 ms (0.15 ms):
+`bench/dispatcher_cpu.py --extra-kb 60 --history 3000`. SQLite's own query plans show it.
 """
 
 from datetime import timedelta
